@@ -6,7 +6,7 @@
 __all__ = ['SaeNbError', 'in_test', 'get_device', 'seed_everything', 'atomic_path', 'write_json_atomic', 'read_json',
            'save_safetensors_atomic', 'load_safetensors_checked']
 
-# %% ../nbs/00_config.ipynb #0ed04933
+# %% ../nbs/00_config.ipynb #0f62e39f
 import contextlib
 import json
 import os
@@ -14,20 +14,20 @@ import random
 import tempfile
 from pathlib import Path
 
-# %% ../nbs/00_config.ipynb #d8d96e0f
+# %% ../nbs/00_config.ipynb #3068fbaa
 import numpy as np
 import torch
 
-# %% ../nbs/00_config.ipynb #8ef53007
+# %% ../nbs/00_config.ipynb #89f43abf
 class SaeNbError(ValueError):
     "An error caused by the user's input or files, with a message that says how to fix it."
 
-# %% ../nbs/00_config.ipynb #7d9f2ac6
+# %% ../nbs/00_config.ipynb #d80e56ab
 def in_test() -> bool:
     "True when running under `nbdev_test` (the `IN_TEST` environment variable is set)."
     return bool(os.environ.get("IN_TEST"))
 
-# %% ../nbs/00_config.ipynb #5a688502
+# %% ../nbs/00_config.ipynb #14d66ab8
 def get_device(device: str | torch.device | None = None, # `None` picks cuda > mps > cpu; else a torch device string
               ) -> torch.device:
     "The torch device to use, checked to exist on this machine."
@@ -50,7 +50,7 @@ def get_device(device: str | torch.device | None = None, # `None` picks cuda > m
         raise SaeNbError(f"Device {device!r} is not supported: use 'cpu', 'cuda', 'cuda:N' or 'mps'.")
     return dev
 
-# %% ../nbs/00_config.ipynb #5521d28e
+# %% ../nbs/00_config.ipynb #1a3203d0
 def seed_everything(seed: int, # the seed for python's `random`, numpy and torch
                    ) -> torch.Generator:
     "Seed every random number generator we use; returns a CPU `torch.Generator` seeded the same way."
@@ -59,7 +59,7 @@ def seed_everything(seed: int, # the seed for python's `random`, numpy and torch
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 
-# %% ../nbs/00_config.ipynb #7e1dd6df
+# %% ../nbs/00_config.ipynb #c2ed00e0
 @contextlib.contextmanager
 def atomic_path(path: str | Path, # the final file name
                ):
@@ -68,6 +68,8 @@ def atomic_path(path: str | Path, # the final file name
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0); os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the final file the usual permissions
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f: os.fsync(f.fileno())
@@ -76,7 +78,7 @@ def atomic_path(path: str | Path, # the final file name
         with contextlib.suppress(FileNotFoundError): os.remove(tmp)
         raise
 
-# %% ../nbs/00_config.ipynb #50ca4e61
+# %% ../nbs/00_config.ipynb #1065ca9d
 def write_json_atomic(obj, # anything `json.dumps` accepts
                       path: str | Path, # the final file name
                      ) -> Path:
@@ -84,7 +86,7 @@ def write_json_atomic(obj, # anything `json.dumps` accepts
     with atomic_path(path) as tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     return Path(path)
 
-# %% ../nbs/00_config.ipynb #d122d250
+# %% ../nbs/00_config.ipynb #f7b50b7e
 def read_json(path: str | Path, # a JSON file
              ) -> dict:
     "Read a JSON file, raising `SaeNbError` naming the file if it is missing or not valid JSON."
@@ -93,7 +95,7 @@ def read_json(path: str | Path, # a JSON file
     except FileNotFoundError as e: raise SaeNbError(f"{path}: file not found.") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise SaeNbError(f"{path}: not valid JSON ({e}).") from e
 
-# %% ../nbs/00_config.ipynb #022a1909
+# %% ../nbs/00_config.ipynb #4ea07b6b
 def save_safetensors_atomic(tensors: dict, # name -> tensor
                             path: str | Path, # the final `.safetensors` file
                             metadata: dict | None = None, # string -> string metadata stored in the header
@@ -104,7 +106,7 @@ def save_safetensors_atomic(tensors: dict, # name -> tensor
     with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)
 
-# %% ../nbs/00_config.ipynb #a0a4e916
+# %% ../nbs/00_config.ipynb #557102f5
 def load_safetensors_checked(path: str | Path, # a `.safetensors` file
                             ) -> dict:
     "Load all tensors of a safetensors file to the CPU, raising `SaeNbError` naming the file when it is unreadable."
