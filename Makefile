@@ -26,7 +26,7 @@ run: setup
 	$(BIN)/sae_nb train $(RUN_ARGS)
 
 test: setup
-	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest tests -ra
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests -ra
 
 readme: setup
 	$(BIN)/python .ci/build_readme.py
