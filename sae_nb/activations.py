@@ -5,21 +5,22 @@
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'ActivationStore']
 
-# %% ../nbs/03_activations.ipynb #a992e65d
+# %% ../nbs/03_activations.ipynb #8accd64d
+import time
 from pathlib import Path
 
-# %% ../nbs/03_activations.ipynb #a10084e7
+# %% ../nbs/03_activations.ipynb #0992d34d
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-# %% ../nbs/03_activations.ipynb #e3669b34
+# %% ../nbs/03_activations.ipynb #c69d188a
 import sae_nb
 from .config import SaeNbError, get_device, read_json, save_safetensors_atomic, write_json_atomic
 from .data import corpus_fingerprint
 from .models import check_hook_name
 
-# %% ../nbs/03_activations.ipynb #b9bbebf9
+# %% ../nbs/03_activations.ipynb #34be147f
 class _StopForward(Exception):
     "Raised by the store's hook to end the forward pass once the activation it needs is in hand."
 
@@ -35,7 +36,7 @@ def _dist_rank_world(rank, world_size) -> tuple[int, int]:
         raise SaeNbError(f"rank={rank!r}, world_size={world_size!r}: need integers with 0 <= rank < world_size.")
     return rank, world_size
 
-# %% ../nbs/03_activations.ipynb #c3d18fd6
+# %% ../nbs/03_activations.ipynb #bbea55db
 class _ModelSource:
     "Activation rows of one hook for token windows, computed by running the model up to the hook."
     def __init__(self, model, tokens, hook_name, exclude_bos, model_batch_size):
@@ -84,13 +85,13 @@ class _ModelSource:
                  for i in range(0, len(windows), self.model_batch_size)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-# %% ../nbs/03_activations.ipynb #9b1bb953
+# %% ../nbs/03_activations.ipynb #edc7f0d7
 def _refill_generator(seed: int, rank: int, refill: int) -> torch.Generator:
     "A CPU generator for the shuffle of refill number `refill`, seeded from `(seed, rank, refill)`."
     state = np.random.SeedSequence([seed, rank, refill]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
-# %% ../nbs/03_activations.ipynb #9337cb45
+# %% ../nbs/03_activations.ipynb #cd967295
 def _method_of(cls, name: str):
     "Decorator: attach the function to `cls` as method `name` (a class split over notebook cells, kept out of `__all__`)."
     def attach(f):
@@ -99,7 +100,7 @@ def _method_of(cls, name: str):
         return f
     return attach
 
-# %% ../nbs/03_activations.ipynb #3d95f9f5
+# %% ../nbs/03_activations.ipynb #d254dfea
 _STATE_KEYS = ("n_windows", "rows_per_window", "batch_size", "buffer_size", "shuffle", "loop", "seed", "rank",
                "world_size", "hook_name")
 
@@ -160,6 +161,7 @@ class ActivationStore:
     def _setup(self, source, batch_size, buffer_size, shuffle, seed, loop, device, dtype, rank, world_size,
                show_progress):
         self._source = source
+        self.collect_seconds = 0.0  # wall time spent producing rows (model forwards or cache reads), for stage timings
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         if source.n_windows < self.world_size:
             raise SaeNbError(f"{source.n_windows} windows cannot be shared by {self.world_size} ranks: "
@@ -213,7 +215,7 @@ class ActivationStore:
         if batch is None: raise StopIteration
         return batch
 
-# %% ../nbs/03_activations.ipynb #1d4170ce
+# %% ../nbs/03_activations.ipynb #d6d0cc6d
 @_method_of(ActivationStore, "reset")
 def _reset(self: ActivationStore):
     "Go back to the first window with an empty buffer."
@@ -266,7 +268,9 @@ def _group_rows(self: ActivationStore, g: int) -> torch.Tensor:
     G = self._group
     k = torch.arange(g * G, (g + 1) * G)
     if not self.loop: k = k[k < self.n_windows]
+    t0 = time.perf_counter()
     rows = self._source.read(self._windows[k % self.n_windows]).to(self.device, self.dtype)
+    self.collect_seconds += time.perf_counter() - t0
     self._pending = (g, rows)
     return rows
 
@@ -294,7 +298,7 @@ def _step(self: ActivationStore, compute: bool = True):
     self._rows_yielded += len(take)
     return self._buffer[take.to(self.device)] if compute else take
 
-# %% ../nbs/03_activations.ipynb #08ddbca5
+# %% ../nbs/03_activations.ipynb #3486a2e9
 @_method_of(ActivationStore, "state_dict")
 def _state_dict(self: ActivationStore) -> dict:
     "Where the store is in its stream, as a small JSON-serialisable dict for `load_state_dict`."
@@ -338,7 +342,7 @@ def _fill_waiting_rows(self: ActivationStore):
         sel = (k // G) == g
         self._buffer[slots[sel].to(self.device)] = self._group_rows(g)[(k[sel] - g * G).to(self.device), pos[sel].to(self.device)]
 
-# %% ../nbs/03_activations.ipynb #dc5c9489
+# %% ../nbs/03_activations.ipynb #dc2b6b4a
 CACHE_FORMAT = "sae_nb.activation_cache"
 
 def _shard_name(i: int) -> str: return f"shard_{i:05d}.safetensors"
@@ -396,7 +400,7 @@ def _save_cache(self: ActivationStore,
     write_json_atomic(meta, meta_path)
     return folder
 
-# %% ../nbs/03_activations.ipynb #5fa97eb8
+# %% ../nbs/03_activations.ipynb #36350fab
 class _CacheSource:
     "Activation rows read from a cache folder's shards, a few rows at a time."
     def __init__(self, folder: Path, meta: dict):
@@ -435,7 +439,7 @@ class _CacheSource:
             i = j
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(len(w), rpw, self.d_in)
 
-# %% ../nbs/03_activations.ipynb #22944ff0
+# %% ../nbs/03_activations.ipynb #9fcbcf3b
 def _read_cache_metadata(folder: Path, expect_model, expect_hook) -> dict:
     "The cache's metadata, checked against the shards' headers and the caller's expectations."
     from safetensors import safe_open
