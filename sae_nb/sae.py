@@ -7,31 +7,34 @@ __all__ = ['ARCHITECTURES', 'DTYPES', 'SAE_CFG_FILENAME', 'SAE_WEIGHTS_FILENAME'
            'SAEConfig', 'SAE', 'geometric_median', 'StandardSAE', 'auxk_loss', 'TopKSAE', 'BatchTopKSAE',
            'JumpReLUFunction', 'StepFunction', 'JumpReLUSAE']
 
-# %% ../nbs/04_sae.ipynb #1575e329
+# %% ../nbs/04_sae.ipynb #bf401a90
 import dataclasses
+import json
 import math
 import os
 import shutil
 import tempfile
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# %% ../nbs/04_sae.ipynb #f8a2b944
+# %% ../nbs/04_sae.ipynb #52d7a128
 import torch
 from torch import nn
 
-# %% ../nbs/04_sae.ipynb #aea6c4c8
+# %% ../nbs/04_sae.ipynb #f19528c9
 from .config import (SaeNbError, get_device, write_json_atomic, read_json, save_safetensors_atomic,
                            load_safetensors_checked)
 
-# %% ../nbs/04_sae.ipynb #305e8a9f
+# %% ../nbs/04_sae.ipynb #316c590c
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAE_CFG_FILENAME = "cfg.json"  # the names SAELens uses (sae_lens.constants)
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 NORMALIZE_ACTIVATIONS = ("none", "expected_average_only_in")
 
-# %% ../nbs/04_sae.ipynb #9b066938
+# %% ../nbs/04_sae.ipynb #1eafed66
 def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
 
 @dataclass
@@ -99,7 +102,7 @@ class SAEConfig:
         if unknown: raise SaeNbError(f"Unknown SAEConfig field(s) {unknown}: valid fields are {sorted(names)}.")
         return cls(**d)
 
-# %% ../nbs/04_sae.ipynb #802586f6
+# %% ../nbs/04_sae.ipynb #3ed0d5ae
 def _fp_check(x: torch.Tensor, d_in: int, what: str = "x"):
     if not isinstance(x, torch.Tensor): raise SaeNbError(f"{what} must be a torch.Tensor, got {type(x).__name__}.")
     if x.ndim < 1 or x.shape[-1] != d_in:
@@ -206,7 +209,7 @@ class SAE(nn.Module):
 
     def _after_training_forward(self, f: torch.Tensor): pass
 
-# %% ../nbs/04_sae.ipynb #2c157a3e
+# %% ../nbs/04_sae.ipynb #abd84997
 @torch.no_grad()
 def _check_unit_rows(sae: SAE):
     norms = sae.W_dec.float().norm(dim=1)
@@ -248,7 +251,7 @@ SAE.on_after_optimizer_step = _on_after_optimizer_step
 SAE.fold_W_dec_norm = _fold_W_dec_norm
 SAE._fold_extra = lambda self, n: None
 
-# %% ../nbs/04_sae.ipynb #a16a4a05
+# %% ../nbs/04_sae.ipynb #e3d2e5d1
 def geometric_median(points: torch.Tensor, # [N, d] points
                      n_iter: int = 100, # most Weiszfeld iterations
                      tol: float = 1e-9, # stop when the step is below tol * (1 + |y|)
@@ -282,7 +285,7 @@ def _init_b_dec_(self, sample: torch.Tensor, # activations [N, d_in] (or [..., d
 
 SAE.init_b_dec_ = _init_b_dec_
 
-# %% ../nbs/04_sae.ipynb #5ec835f9
+# %% ../nbs/04_sae.ipynb #66657317
 class StandardSAE(SAE):
     "ReLU SAE trained with an L1 penalty weighted by decoder row norms (the study's architecture)."
     architecture = "standard"
@@ -293,7 +296,7 @@ class StandardSAE(SAE):
 
 SAE_CLASSES["standard"] = StandardSAE
 
-# %% ../nbs/04_sae.ipynb #bffed41f
+# %% ../nbs/04_sae.ipynb #d0182c9f
 def auxk_loss(x: torch.Tensor, # activations [..., d_in]
               x_hat: torch.Tensor, # reconstruction [..., d_in]
               pre: torch.Tensor, # pre-activations [..., d_sae]
@@ -336,7 +339,7 @@ class TopKSAE(SAE):
 
 SAE_CLASSES["topk"] = TopKSAE
 
-# %% ../nbs/04_sae.ipynb #8e981735
+# %% ../nbs/04_sae.ipynb #c323d957
 def _jumprelu_inference(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     "SAELens' JumpReLU at inference: ReLU(pre) where pre > threshold, else 0."
     return torch.relu(pre) * (pre > threshold).to(pre.dtype)
@@ -367,7 +370,7 @@ class BatchTopKSAE(TopKSAE):
 
 SAE_CLASSES["batchtopk"] = BatchTopKSAE
 
-# %% ../nbs/04_sae.ipynb #e38c5578
+# %% ../nbs/04_sae.ipynb #5f3512b1
 def _rectangle(u: torch.Tensor) -> torch.Tensor: return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 class JumpReLUFunction(torch.autograd.Function):
@@ -420,12 +423,13 @@ class JumpReLUSAE(SAE):
 
 SAE_CLASSES["jumprelu"] = JumpReLUSAE
 
-# %% ../nbs/04_sae.ipynb #d64f9e85
+# %% ../nbs/04_sae.ipynb #08df0b07
 _LAYOUT_VERSION = "6.0.0"
 _META_FIELDS = ("model_name", "hook_name", "hook_layer", "hook_head_index", "context_size", "prepend_bos", "dataset_path")
 _DETAIL_FIELDS = {"topk": ("aux_loss_coefficient",), "batchtopk": ("k", "aux_loss_coefficient", "topk_threshold_lr"),
                   "jumprelu": ("jumprelu_init_threshold", "jumprelu_bandwidth"), "standard": ()}
 _SAELENS_ARCH = {"standard": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+_SAVE_ID, _HEADER_CFG = "sae_nb_save_id", "sae_nb_cfg"  # cfg.json metadata / safetensors header keys tying the two files
 
 def _sae_nb_version() -> str:
     try:
@@ -453,7 +457,7 @@ def _version_major(v) -> int | None:
     except ValueError: return None
 
 def _config_from_saelens_dict(d: dict, # a parsed cfg.json (SAELens v6, pre-v6, or sae_nb)
-                              path: Path, # the file it came from, for messages
+                              path: Path | str, # the file it came from, for messages
                               device: str = "cpu", # device to put in the config
                              ) -> tuple:
     "An `SAEConfig` from a `cfg.json` dict, and whether the weights need SAELens' decoder-norm fold."
@@ -472,6 +476,7 @@ def _config_from_saelens_dict(d: dict, # a parsed cfg.json (SAELens v6, pre-v6, 
     if arch is None and pre6: arch = "topk" if (d.get("activation_fn", d.get("activation_fn_str")) == "topk" and fn_k) else "standard"
     if arch is None: raise SaeNbError(f"{path}: no 'architecture' field: add one of {', '.join(ARCHITECTURES)}.")
     details = meta.get("training_architecture_details") or {}
+    if not isinstance(details, dict): raise SaeNbError(f"{path}: 'metadata.training_architecture_details' must be a JSON object.")
     if arch == "jumprelu" and meta.get("training_architecture") == "batchtopk" and details.get("k") is not None:
         arch = "batchtopk"
     if arch not in ARCHITECTURES:
@@ -497,14 +502,15 @@ def _config_from_saelens_dict(d: dict, # a parsed cfg.json (SAELens v6, pre-v6, 
         if n in _DETAIL_FIELDS[arch] and details.get(n, d.get(n)) is not None: kw[n] = details.get(n, d.get(n))
     if arch in ("topk", "batchtopk") and "aux_loss_coefficient" not in details and "aux_loss_coefficient" in d:
         kw["aux_loss_coefficient"] = d["aux_loss_coefficient"]
-    known = set(_META_FIELDS) | {"hook_point", "hook_point_layer", "sae_nb_version", "sae_lens_version", "training_architecture", "training_architecture_details"}
+    known = set(_META_FIELDS) | {"hook_point", "hook_point_layer", "sae_nb_version", "sae_lens_version", "training_architecture",
+                                 "training_architecture_details", _SAVE_ID}
     kw["extra_metadata"] = {n: v for n, v in meta.items() if n not in known}
     try: cfg = SAEConfig(**kw)
     except SaeNbError as e: raise SaeNbError(f"{path}: {e}") from e
     except TypeError as e: raise SaeNbError(f"{path}: bad config value ({e}).") from e
     return cfg, bool(d.get("rescale_acts_by_decoder_norm", False))
 
-# %% ../nbs/04_sae.ipynb #0c042b2f
+# %% ../nbs/04_sae.ipynb #4a24fa8a
 def _tensors_for_saving(self) -> dict:
     "The tensors SAELens expects in `sae_weights.safetensors`, checked finite."
     tensors = {n: getattr(self, n).detach() for n in self.tensor_names}
@@ -524,16 +530,19 @@ def _save(self, folder: str | Path, # the folder to write (created; its parent t
     tensors = self._tensors_for_saving()
     cfg = dataclasses.replace(self.cfg, dtype=str(self.dtype).replace("torch.", ""), device=str(self.device))
     cfg_dict = _saelens_cfg_dict(cfg)
+    cfg_dict["metadata"][_SAVE_ID] = uuid.uuid4().hex  # ties cfg.json to the weights written with it
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
-        save_safetensors_atomic(tensors, tmp / SAE_WEIGHTS_FILENAME, metadata={"format": "pt"})
+        save_safetensors_atomic(tensors, tmp / SAE_WEIGHTS_FILENAME, metadata={
+            "format": "pt", _SAVE_ID: cfg_dict["metadata"][_SAVE_ID], _HEADER_CFG: json.dumps(cfg_dict)})
         write_json_atomic(cfg_dict, tmp / SAE_CFG_FILENAME)
         if folder.is_dir() and not any(folder.iterdir()): folder.rmdir()
         try: os.rename(tmp, folder)
         except OSError:
             if not (folder.is_dir() and overwrite): raise
-            # weights first, then the config that describes them; files that are not ours stay
+            # weights first, then the config that describes them; files that are not ours stay. A kill between the
+            # two leaves new weights + old cfg.json: `load` sees the save ids differ and uses the weights' own config.
             for name in (SAE_WEIGHTS_FILENAME, SAE_CFG_FILENAME): os.replace(tmp / name, folder / name)
     finally:
         if tmp.exists(): shutil.rmtree(tmp)
@@ -542,10 +551,36 @@ def _save(self, folder: str | Path, # the folder to write (created; its parent t
 SAE._tensors_for_saving = _tensors_for_saving
 SAE.save = _save
 
-# %% ../nbs/04_sae.ipynb #3f5c25cf
+# %% ../nbs/04_sae.ipynb #f8a9da24
 def _device_or_cpu(device) -> str:
     try: return str(get_device(device))
     except SaeNbError: return "cpu"
+
+def _header_metadata(path: Path) -> dict:
+    "The string metadata in a safetensors header (`{}` if none), `SaeNbError` naming the file if unreadable."
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f: return dict(f.metadata() or {})
+    except Exception as e: raise SaeNbError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}).") from e
+
+def _own_cfg(d, header: dict, cfg_path: Path, w_path: Path) -> tuple:
+    "`(cfg dict, where it came from)`: cfg.json's, unless the weights were saved with another sae_nb cfg.json (an interrupted overwrite)."
+    own_id = header.get(_SAVE_ID)
+    meta = d.get("metadata") if isinstance(d, dict) else None
+    cfg_id = meta.get(_SAVE_ID) if isinstance(meta, dict) else None
+    # a cfg.json without an id (SAELens, hand-written) is the user's: only another sae_nb save's cfg.json is overruled
+    if own_id is None or _HEADER_CFG not in header or cfg_id is None or cfg_id == own_id: return d, cfg_path
+    try: own = json.loads(header[_HEADER_CFG])
+    except json.JSONDecodeError as e: raise SaeNbError(f"{w_path}: its header's {_HEADER_CFG!r} is not valid JSON ({e}).") from e
+    warnings.warn(f"{cfg_path} was not written with {w_path.name} (an overwrite interrupted between the two files?): "
+                  "using the config saved inside the weights file. Save the SAE again to make the folder consistent.")
+    return own, f"{w_path} (header {_HEADER_CFG!r})"
+
+def _tensor_shapes(arch: str, cfg: SAEConfig) -> dict:
+    "name -> shape of every tensor an SAE of `arch` saves, from the config alone (nothing allocated)."
+    shapes = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_in), "b_enc": (cfg.d_sae,), "b_dec": (cfg.d_in,),
+              "threshold": (cfg.d_sae,)}
+    return {n: shapes[n] for n in SAE_CLASSES[arch].tensor_names}
 
 @torch.no_grad()
 def _load(cls, folder: str | Path, # a folder with cfg.json + sae_weights.safetensors (sae_nb or SAELens)
@@ -557,9 +592,9 @@ def _load(cls, folder: str | Path, # a folder with cfg.json + sae_weights.safete
     cfg_path, w_path = folder / SAE_CFG_FILENAME, folder / SAE_WEIGHTS_FILENAME
     if not cfg_path.is_file(): raise SaeNbError(f"{cfg_path}: file not found; an SAE folder needs {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME}.")
     if not w_path.is_file(): raise SaeNbError(f"{w_path}: file not found; an SAE folder needs {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME}.")
-    d = read_json(cfg_path)
+    d, cfg_source = _own_cfg(read_json(cfg_path), _header_metadata(w_path), cfg_path, w_path)
     dev = str(get_device(device)) if device is not None else _device_or_cpu(d.get("device", "cpu") if isinstance(d, dict) else "cpu")
-    cfg, rescale = _config_from_saelens_dict(d, cfg_path, device="cpu")
+    cfg, rescale = _config_from_saelens_dict(d, cfg_source, device="cpu")
     tensors = load_safetensors_checked(w_path)
     # older / training-time SAELens names
     if "threshold" not in tensors and "log_threshold" in tensors: tensors["threshold"] = tensors.pop("log_threshold").double().exp()
@@ -572,8 +607,7 @@ def _load(cls, folder: str | Path, # a folder with cfg.json + sae_weights.safete
             raise SaeNbError(f"{w_path}: has a finetuning 'scaling_factor' that is not 1: sae_nb does not support it; "
                              "load it with sae_lens and fold it into W_dec first.")
         del tensors["scaling_factor"]
-    sae = SAE_CLASSES[cfg.architecture](cfg)
-    expected = {n: tuple(getattr(sae, n).shape) for n in sae.tensor_names}
+    expected = _tensor_shapes(cfg.architecture, cfg)  # checked before an SAE of the config's size is built
     missing = [n for n in expected if n not in tensors]
     if missing: raise SaeNbError(f"{w_path}: missing tensor(s) {missing} for a {cfg.architecture} SAE (it has {sorted(tensors)}).")
     extra = sorted(set(tensors) - set(expected))
@@ -583,14 +617,21 @@ def _load(cls, folder: str | Path, # a folder with cfg.json + sae_weights.safete
         if tuple(t.shape) != shape:
             raise SaeNbError(f"{w_path}: tensor {n!r} has shape {tuple(t.shape)} but {cfg_path.name} (d_in={cfg.d_in}, "
                              f"d_sae={cfg.d_sae}) needs {shape}.")
-        if not t.is_floating_point(): raise SaeNbError(f"{w_path}: tensor {n!r} has dtype {t.dtype}; expected floating point.")
+        if t.dtype not in DTYPES.values():
+            raise SaeNbError(f"{w_path}: tensor {n!r} has dtype {t.dtype}; expected one of {', '.join(DTYPES)}.")
         if not torch.isfinite(t).all(): raise SaeNbError(f"{w_path}: tensor {n!r} contains NaN or inf: the file is corrupt or training diverged.")
     if rescale:  # SAELens topk/batchtopk training: fold decoder norms as its save_inference_model does
         nrm = tensors["W_dec"].double().norm(dim=1).clamp(min=1e-8)
         tensors["W_dec"] = tensors["W_dec"].double() / nrm[:, None]
         tensors["W_enc"] = tensors["W_enc"].double() * nrm[None, :]
         tensors["b_enc"] = tensors["b_enc"].double() * nrm
-    for n in expected: getattr(sae, n).copy_(tensors[n].to(getattr(sae, n).dtype))
+    dtype = DTYPES[cfg.dtype]
+    for n in expected:
+        tensors[n] = tensors[n].to(dtype)
+        if not torch.isfinite(tensors[n]).all():
+            raise SaeNbError(f"{w_path}: tensor {n!r} overflows {cfg.dtype} (the dtype in {cfg_path.name}): save it in a wider dtype.")
+    sae = SAE_CLASSES[cfg.architecture](cfg)
+    for n in expected: getattr(sae, n).copy_(tensors[n])
     sae.cfg.device = dev
     return sae.to(dev).eval()
 
