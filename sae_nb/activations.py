@@ -5,22 +5,26 @@
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'ActivationStore']
 
-# %% ../nbs/03_activations.ipynb #8accd64d
+# %% ../nbs/03_activations.ipynb #77f2a902
+import os
+import shutil
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
-# %% ../nbs/03_activations.ipynb #0992d34d
+# %% ../nbs/03_activations.ipynb #98fce944
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-# %% ../nbs/03_activations.ipynb #c69d188a
+# %% ../nbs/03_activations.ipynb #d5c96b87
 import sae_nb
 from .config import SaeNbError, get_device, read_json, save_safetensors_atomic, write_json_atomic
 from .data import corpus_fingerprint
 from .models import check_hook_name
 
-# %% ../nbs/03_activations.ipynb #34be147f
+# %% ../nbs/03_activations.ipynb #e706df52
 class _StopForward(Exception):
     "Raised by the store's hook to end the forward pass once the activation it needs is in hand."
 
@@ -36,7 +40,7 @@ def _dist_rank_world(rank, world_size) -> tuple[int, int]:
         raise SaeNbError(f"rank={rank!r}, world_size={world_size!r}: need integers with 0 <= rank < world_size.")
     return rank, world_size
 
-# %% ../nbs/03_activations.ipynb #bbea55db
+# %% ../nbs/03_activations.ipynb #55868730
 class _ModelSource:
     "Activation rows of one hook for token windows, computed by running the model up to the hook."
     def __init__(self, model, tokens, hook_name, exclude_bos, model_batch_size):
@@ -85,13 +89,13 @@ class _ModelSource:
                  for i in range(0, len(windows), self.model_batch_size)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-# %% ../nbs/03_activations.ipynb #edc7f0d7
+# %% ../nbs/03_activations.ipynb #681c6868
 def _refill_generator(seed: int, rank: int, refill: int) -> torch.Generator:
     "A CPU generator for the shuffle of refill number `refill`, seeded from `(seed, rank, refill)`."
     state = np.random.SeedSequence([seed, rank, refill]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
-# %% ../nbs/03_activations.ipynb #cd967295
+# %% ../nbs/03_activations.ipynb #41ab8403
 def _method_of(cls, name: str):
     "Decorator: attach the function to `cls` as method `name` (a class split over notebook cells, kept out of `__all__`)."
     def attach(f):
@@ -100,7 +104,7 @@ def _method_of(cls, name: str):
         return f
     return attach
 
-# %% ../nbs/03_activations.ipynb #d254dfea
+# %% ../nbs/03_activations.ipynb #53c3ba71
 _STATE_KEYS = ("n_windows", "rows_per_window", "batch_size", "buffer_size", "shuffle", "loop", "seed", "rank",
                "world_size", "hook_name")
 
@@ -215,7 +219,7 @@ class ActivationStore:
         if batch is None: raise StopIteration
         return batch
 
-# %% ../nbs/03_activations.ipynb #d6d0cc6d
+# %% ../nbs/03_activations.ipynb #50bb10e0
 @_method_of(ActivationStore, "reset")
 def _reset(self: ActivationStore):
     "Go back to the first window with an empty buffer."
@@ -298,7 +302,7 @@ def _step(self: ActivationStore, compute: bool = True):
     self._rows_yielded += len(take)
     return self._buffer[take.to(self.device)] if compute else take
 
-# %% ../nbs/03_activations.ipynb #3486a2e9
+# %% ../nbs/03_activations.ipynb #469240bb
 @_method_of(ActivationStore, "state_dict")
 def _state_dict(self: ActivationStore) -> dict:
     "Where the store is in its stream, as a small JSON-serialisable dict for `load_state_dict`."
@@ -342,65 +346,103 @@ def _fill_waiting_rows(self: ActivationStore):
         sel = (k // G) == g
         self._buffer[slots[sel].to(self.device)] = self._group_rows(g)[(k[sel] - g * G).to(self.device), pos[sel].to(self.device)]
 
-# %% ../nbs/03_activations.ipynb #dc2b6b4a
+# %% ../nbs/03_activations.ipynb #88bb10e9
 CACHE_FORMAT = "sae_nb.activation_cache"
 
 def _shard_name(i: int) -> str: return f"shard_{i:05d}.safetensors"
 
+def _is_cache_file(name: str) -> bool:
+    "Whether a file name in a cache folder is one `save_cache` writes (metadata, shards, temporary files)."
+    return (name == "metadata.json" or (name.startswith("shard_") and name.endswith(".safetensors"))
+            or (name.startswith(".") and name.endswith(".tmp")))
+
+# %% ../nbs/03_activations.ipynb #545b1f20
+def _aside_path(folder: Path) -> Path:
+    "Where `_replace_folder` moves an existing `folder` while the new one is renamed in (a hidden sibling)."
+    return folder.with_name(f".{folder.name}.old")
+
+def _replace_folder(new: Path, # a complete folder on the same file system, e.g. a temporary sibling of `folder`
+                    folder: Path, # where it goes; a folder already there is replaced
+                   ) -> Path:
+    "Rename `new` to `folder`; an existing `folder` is moved aside first and removed last (see `_live_folder`)."
+    aside = _aside_path(folder)
+    if folder.exists():
+        if aside.exists(): shutil.rmtree(aside)  # leftover of an earlier interrupted swap: `folder` is the live one
+        os.replace(folder, aside)
+    os.replace(new, folder)  # (a kill just before this leaves `folder` missing and the old one at `aside`)
+    if aside.exists(): shutil.rmtree(aside)
+    return folder
+
+def _live_folder(folder: Path) -> Path:
+    "`folder`, or the old copy an interrupted `_replace_folder` left aside when `folder` itself is missing."
+    aside = _aside_path(folder)
+    return aside if not folder.exists() and aside.is_dir() else folder
+
+# %% ../nbs/03_activations.ipynb #8c26b2ed
 @_method_of(ActivationStore, "save_cache")
 def _save_cache(self: ActivationStore,
-               folder: str | Path, # the cache folder (created)
+               folder: str | Path, # the cache folder (created; replaced as a whole with `overwrite=True`)
                max_tokens: int | None = None, # at most this many rows (whole windows); None: all of this rank's
                shard_mb: int = 256, # about this many MB per shard file
                overwrite: bool = False, # replace an existing cache in `folder`
               ) -> Path:
-    "Write this rank's activation rows, in stream order, to safetensors shards plus a `metadata.json` (written last)."
+    "Write this rank's activation rows, in stream order, to safetensors shards plus a `metadata.json`, swapped in atomically."
     if not isinstance(self._source, _ModelSource):
         raise SaeNbError("This store already reads a cache: copy the folder instead of saving it again.")
     folder = Path(folder)
-    meta_path = folder / "metadata.json"
-    if meta_path.exists() and not overwrite:
+    if folder.exists() and not folder.is_dir():
+        raise SaeNbError(f"{folder} is a file, not a folder: pass a folder path for the cache.")
+    if (_live_folder(folder) / "metadata.json").is_file() and not overwrite:
         raise SaeNbError(f"{folder} already holds an activation cache: pass overwrite=True or pick another folder.")
+    foreign = sorted(p.name for p in folder.iterdir() if not _is_cache_file(p.name)) if folder.is_dir() else []
+    if foreign:
+        raise SaeNbError(f"{folder} holds files that are not part of an activation cache ({', '.join(foreign[:5])}): "
+                         "save_cache replaces the whole folder, so move them out or pick an empty or new folder.")
     rpw, d_in = self.rows_per_window, self.d_in
     n_windows = self.n_windows if max_tokens is None else min(self.n_windows, int(max_tokens) // rpw)
     if n_windows < 1:
         raise SaeNbError(f"max_tokens={max_tokens} is less than one window ({rpw} rows): use max_tokens >= {rpw}.")
-    folder.mkdir(parents=True, exist_ok=True)
-    if meta_path.exists(): meta_path.unlink()  # the folder is not a valid cache until the new metadata is written
-    for old in folder.glob("shard_*.safetensors"): old.unlink()
     row_bytes = d_in * torch.empty(0, dtype=self.dtype).element_size()
     per_shard = max(1, (shard_mb << 20) // (rpw * row_bytes))  # windows per shard
     G = self._group  # the store's grid of window groups, so cached rows equal the store's bit for bit
-    shards, parts, n_parts = [], [], 0
-    def flush():
-        nonlocal parts, n_parts
-        rows = torch.cat(parts)
-        name = _shard_name(len(shards))
-        save_safetensors_atomic({"activations": rows}, folder / name,
-                                metadata={"format": CACHE_FORMAT, "rows": str(len(rows))})
-        shards.append({"file": name, "rows": len(rows)})
-        parts, n_parts = [], 0
-    with tqdm(total=n_windows * rpw, unit="tok", desc=f"cache {self.hook_name}", disable=not self.show_progress) as bar:
-        for i in range(0, n_windows, G):
-            w = min(G, n_windows - i)  # windows of this group to write (a whole group is computed)
-            rows, done = self._source.read(self._windows[i:i + G]).to("cpu", self.dtype).reshape(-1, d_in), 0
-            while done < w:
-                take = min(per_shard - n_parts, w - done)
-                parts.append(rows[done * rpw:(done + take) * rpw]); n_parts += take; done += take
-                if n_parts == per_shard: flush()
-            bar.update(w * rpw)
-    if parts: flush()
-    written = self._windows[:n_windows]
-    meta = {"format": CACHE_FORMAT, "format_version": 1, "sae_nb_version": sae_nb.__version__,
-            "model_name": self.model_name, "hook_name": self.hook_name, "d_in": d_in,
-            "context_size": self.context_size, "rows_per_window": rpw, "exclude_bos": self.exclude_bos,
-            "dtype": str(self.dtype).removeprefix("torch."), "n_windows": n_windows, "n_tokens": n_windows * rpw,
-            "rank": self.rank, "world_size": self.world_size,
-            "corpus_fingerprint": corpus_fingerprint(self.tokens[written]), "shards": shards}
-    write_json_atomic(meta, meta_path)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        shards, parts, n_parts = [], [], 0
+        def flush():
+            nonlocal parts, n_parts
+            rows = torch.cat(parts)
+            name = _shard_name(len(shards))
+            save_safetensors_atomic({"activations": rows}, tmp / name,
+                                    metadata={"format": CACHE_FORMAT, "rows": str(len(rows))})
+            shards.append({"file": name, "rows": len(rows)})
+            parts, n_parts = [], 0
+        with tqdm(total=n_windows * rpw, unit="tok", desc=f"cache {self.hook_name}", disable=not self.show_progress) as bar:
+            for i in range(0, n_windows, G):
+                w = min(G, n_windows - i)  # windows of this group to write (a whole group is computed)
+                rows, done = self._source.read(self._windows[i:i + G]).to("cpu", self.dtype).reshape(-1, d_in), 0
+                while done < w:
+                    take = min(per_shard - n_parts, w - done)
+                    parts.append(rows[done * rpw:(done + take) * rpw]); n_parts += take; done += take
+                    if n_parts == per_shard: flush()
+                bar.update(w * rpw)
+        if parts: flush()
+        written = self._windows[:n_windows]
+        meta = {"format": CACHE_FORMAT, "format_version": 1, "sae_nb_version": sae_nb.__version__,
+                "model_name": self.model_name, "hook_name": self.hook_name, "d_in": d_in,
+                "context_size": self.context_size, "rows_per_window": rpw, "exclude_bos": self.exclude_bos,
+                "dtype": str(self.dtype).removeprefix("torch."), "n_windows": n_windows, "n_tokens": n_windows * rpw,
+                "rank": self.rank, "world_size": self.world_size,
+                "corpus_fingerprint": corpus_fingerprint(self.tokens[written]), "shards": shards}
+        write_json_atomic(meta, tmp / "metadata.json")
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders; give the cache the usual permissions
+        _replace_folder(tmp, folder)
+    finally:
+        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
-# %% ../nbs/03_activations.ipynb #36350fab
+# %% ../nbs/03_activations.ipynb #362528f7
 class _CacheSource:
     "Activation rows read from a cache folder's shards, a few rows at a time."
     def __init__(self, folder: Path, meta: dict):
@@ -439,37 +481,84 @@ class _CacheSource:
             i = j
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(len(w), rpw, self.d_in)
 
-# %% ../nbs/03_activations.ipynb #9fcbcf3b
+# %% ../nbs/03_activations.ipynb #ab69f7b1
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors header -> metadata
+_CACHE_FIELDS = {"model_name": (str, type(None)), "hook_name": str, "d_in": int, "context_size": int,
+                 "rows_per_window": int, "exclude_bos": bool, "dtype": str, "n_windows": int, "n_tokens": int,
+                 "shards": list}
+
+def _is_plain_file_name(name) -> bool:
+    "A non-empty file name with no folder part (no `/`, `\\`, `..`, absolute path), so it stays inside the cache folder."
+    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+            and Path(name).name == name and not Path(name).is_absolute())
+
+def _check_cache_fields(meta, path: Path) -> None:
+    "Raise one `SaeNbError` naming `path` (a metadata.json) for a missing, mistyped or self-contradicting field."
+    def bad(problem: str) -> SaeNbError:
+        return SaeNbError(f"{path}: {problem}: the cache metadata is damaged, re-create the cache with "
+                          "store.save_cache(folder, overwrite=True).")
+    for key, kind in _CACHE_FIELDS.items():
+        if key not in meta: raise bad(f"field {key!r} is missing")
+        v = meta[key]
+        ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))  # True is an int in Python, not here
+        if not ok: raise bad(f"field {key!r} is {v!r} ({type(v).__name__}), not {getattr(kind, '__name__', 'a string or null')}")
+        if kind is int and v < 1: raise bad(f"field {key!r} is {v}, not a positive integer")
+    if meta["dtype"] not in _ST_DTYPES.values():
+        raise bad(f"dtype {meta['dtype']!r} is not one of {sorted(_ST_DTYPES.values())}")
+    if meta["rows_per_window"] != meta["context_size"] - int(meta["exclude_bos"]):
+        raise bad(f"rows_per_window={meta['rows_per_window']} contradicts context_size={meta['context_size']} with "
+                  f"exclude_bos={meta['exclude_bos']} (expected {meta['context_size'] - int(meta['exclude_bos'])})")
+    if not meta["shards"]: raise bad("the shard list is empty")
+    for i, s in enumerate(meta["shards"]):
+        if not isinstance(s, dict): raise bad(f"shards[{i}] is {s!r}, not an object with 'file' and 'rows'")
+        if not _is_plain_file_name(s.get("file")):
+            raise bad(f"shards[{i}]['file'] is {s.get('file')!r}, not a plain file name inside the cache folder")
+        rows = s.get("rows")
+        if not (isinstance(rows, int) and not isinstance(rows, bool) and rows >= 1):
+            raise bad(f"shards[{i}]['rows'] is {rows!r}, not a positive integer")
+    files = [s["file"] for s in meta["shards"]]
+    if len(set(files)) != len(files): raise bad("a shard file is listed twice")
+
 def _read_cache_metadata(folder: Path, expect_model, expect_hook) -> dict:
-    "The cache's metadata, checked against the shards' headers and the caller's expectations."
+    "The cache's metadata, checked field by field, against the shards' headers and the caller's expectations."
     from safetensors import safe_open
-    if not (folder / "metadata.json").is_file():
+    path = folder / "metadata.json"
+    if not path.is_file():
         raise SaeNbError(f"{folder} is not an activation cache (no metadata.json; an interrupted save_cache leaves "
                          "none): make one with store.save_cache(folder).")
-    meta = read_json(folder / "metadata.json")
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise SaeNbError(f"{path} holds a JSON {type(meta).__name__}, not sae_nb activation-cache metadata (an object): "
+                         "re-create the cache with store.save_cache(folder, overwrite=True).")
     if meta.get("format") != CACHE_FORMAT:
-        raise SaeNbError(f"{folder}/metadata.json is not sae_nb activation-cache metadata (format "
+        raise SaeNbError(f"{path} is not sae_nb activation-cache metadata (format "
                          f"{meta.get('format')!r}): point from_cache at a folder written by save_cache.")
-    if expect_model is not None and meta.get("model_name") != expect_model:
-        raise SaeNbError(f"The cache in {folder} holds activations of model {meta.get('model_name')!r}, not "
+    _check_cache_fields(meta, path)
+    if expect_model is not None and meta["model_name"] != expect_model:
+        raise SaeNbError(f"The cache in {folder} holds activations of model {meta['model_name']!r}, not "
                          f"{expect_model!r}: use a cache made from {expect_model!r} or make one with save_cache.")
-    if expect_hook is not None and meta.get("hook_name") != expect_hook:
-        raise SaeNbError(f"The cache in {folder} holds activations of hook {meta.get('hook_name')!r}, not "
+    if expect_hook is not None and meta["hook_name"] != expect_hook:
+        raise SaeNbError(f"The cache in {folder} holds activations of hook {meta['hook_name']!r}, not "
                          f"{expect_hook!r}: use a cache of {expect_hook!r} or make one with save_cache.")
     total = 0
     for s in meta["shards"]:
-        path = folder / s["file"]
-        if not path.is_file():
-            raise SaeNbError(f"{path}: shard listed in metadata.json is missing: the cache is incomplete, "
+        shard = folder / s["file"]
+        if not shard.is_file():
+            raise SaeNbError(f"{shard}: shard listed in metadata.json is missing: the cache is incomplete, "
                              "make it again with save_cache.")
-        try:
-            with safe_open(str(path), framework="pt") as f: shape = f.get_slice("activations").get_shape()
+        try:  # the header only: shape and dtype, no tensor data read
+            with safe_open(str(shard), framework="pt") as f:
+                header = f.get_slice("activations")
+                shape, dtype = header.get_shape(), header.get_dtype()
         except Exception as e:
-            raise SaeNbError(f"{path}: not a readable activation shard ({e}): make the cache again with save_cache.") from e
-        if list(shape) != [int(s["rows"]), int(meta["d_in"])]:
-            raise SaeNbError(f"{path}: holds {shape[0]} rows of width {shape[1] if len(shape) > 1 else '?'}, metadata.json "
-                             f"says {s['rows']} rows of width {meta['d_in']}: the cache is inconsistent, make it again.")
-        total += int(s["rows"])
+            raise SaeNbError(f"{shard}: not a readable activation shard ({e}): make the cache again with save_cache.") from e
+        if list(shape) != [s["rows"], meta["d_in"]]:
+            raise SaeNbError(f"{shard}: holds {shape[0] if shape else '?'} rows of width {shape[1] if len(shape) > 1 else '?'}, "
+                             f"metadata.json says {s['rows']} rows of width {meta['d_in']}: the cache is inconsistent, make it again.")
+        if _ST_DTYPES.get(dtype) != meta["dtype"]:
+            raise SaeNbError(f"{shard}: holds {dtype} values, metadata.json says dtype {meta['dtype']}: the cache is "
+                             "inconsistent, make it again with save_cache.")
+        total += s["rows"]
     if total != meta["n_tokens"] or total != meta["n_windows"] * meta["rows_per_window"]:
         raise SaeNbError(f"{folder}: the shards hold {total} rows, metadata.json says {meta['n_tokens']} "
                          f"({meta['n_windows']} windows of {meta['rows_per_window']}): make the cache again.")
@@ -492,9 +581,13 @@ def _from_cache(cls,
               ) -> ActivationStore:
     "A store that streams a cache folder's rows (checked against its metadata) instead of running a model."
     folder = Path(folder)
-    meta = _read_cache_metadata(folder, expect_model, expect_hook)
+    live = _live_folder(folder)
+    if live != folder:
+        warnings.warn(f"{folder} is missing: a save_cache(overwrite=True) was interrupted after moving the old cache "
+                      f"to {live}; reading that one. Run save_cache again to finish replacing it.")
+    meta = _read_cache_metadata(live, expect_model, expect_hook)
     self = cls.__new__(cls)
-    self._setup(_CacheSource(folder, meta), batch_size, buffer_size, shuffle, seed, loop, device, dtype, rank,
+    self._setup(_CacheSource(live, meta), batch_size, buffer_size, shuffle, seed, loop, device, dtype, rank,
                 world_size, show_progress)
     self.tokens, self.exclude_bos, self.metadata = None, meta["exclude_bos"], meta
     return self

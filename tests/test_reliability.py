@@ -803,8 +803,6 @@ def test_an_activation_cache_that_does_not_match_its_metadata_raises_one_clear_e
     assert problem in str(e.value) and str(folder) in str(e.value), str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL_ACTS + ": activations._read_cache_metadata indexes metadata.json fields "
-                   "without checking they exist/have the right type (KeyError/TypeError/ValueError/AttributeError)")
 @pytest.mark.parametrize("corrupt", [
     _meta_edit(lambda m: m.pop("shards")), _meta_edit(lambda m: m.update(shards="x")),
     _meta_edit(lambda m: m["shards"][0].update(rows="many")), _meta_edit(lambda m: m["shards"][0].pop("file")),
@@ -816,8 +814,6 @@ def test_malformed_cache_metadata_raises_a_clear_error(tmp_path, cache_folder, c
     with pytest.raises(SaeNbError): _open_cache(folder)
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL_ACTS + ": _read_cache_metadata accepts shards whose dtype differs from "
-                   "metadata.json, rows_per_window that contradicts context_size/exclude_bos, and shard paths outside the folder")
 @pytest.mark.parametrize("corrupt", [
     _shard_write(lambda t: t.to(torch.int32)), _meta_edit(lambda m: m.update(dtype="float16")),
     _meta_edit(lambda m: m.update(rows_per_window=30, n_windows=3)),
