@@ -1,0 +1,125 @@
+"""Data-parallel training (`sae_nb.train` on torch.distributed) matches one process: 2 gloo ranks on the CPU via torchrun.
+
+One torchrun launch (2 processes) trains a few configurations; this process then trains the same ones alone and
+compares. Under a minute on 2 CPU cores.
+"""
+import os, subprocess, sys, warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae_nb.config import SaeNbError, read_json
+from sae_nb.sae import SAE, SAEConfig
+from sae_nb.train import TrainConfig, train_sae
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_data(n_rows=1024, d_in=16, n_features=32, seed=0):
+    "Sparse non-negative combinations of random unit directions plus an offset (the same on every rank)."
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(n_features, d_in, generator=g)
+    directions /= directions.norm(dim=1, keepdim=True)
+    coef = (torch.rand(n_rows, n_features, generator=g) < 0.1) * torch.rand(n_rows, n_features, generator=g) * 3
+    return coef @ directions + 0.5
+
+
+def runs():
+    "name -> (SAE config, train settings without out_dir) of the runs compared."
+    common = dict(batch_size=64, steps=12, lr=1e-2, l1_coefficient=0.05, log_every=4, lr_warmup_steps=2,
+                  show_progress=False, device="cpu", checkpoint_every=6)
+    return {
+        "standard": (SAEConfig(architecture="standard", d_in=16, d_sae=48), dict(common)),
+        # a 2-batch dead window: AuxK is on from step 3, so the all-reduced firing counters matter
+        "topk": (SAEConfig(architecture="topk", d_in=16, d_sae=48, k=3), dict(common, dead_feature_window=128)),
+    }
+
+
+class ShardedBatches:
+    "A stand-in for a sharded ActivationStore: per-rank local batches, a different number on each rank."
+    def __init__(self, rank, world_size, batch_size, n_batches):
+        self.rank, self.world_size, self.batch_size, self.d_in = rank, world_size, batch_size, 16
+        self.data = make_data(seed=10 + rank)[: batch_size * n_batches]
+        self.position = 0
+    def __iter__(self): return self
+    def __next__(self):
+        if self.position * self.batch_size >= len(self.data): raise StopIteration
+        self.position += 1
+        return self.data[(self.position - 1) * self.batch_size: self.position * self.batch_size]
+    def state_dict(self): return {"position": self.position}
+    def load_state_dict(self, state): self.position = state["position"]
+
+
+SCRIPT = """
+import os, sys, warnings
+import torch
+sys.path.insert(0, sys.argv[2])
+from test_distributed import make_data, runs, ShardedBatches
+from sae_nb.train import TrainConfig, train_sae
+out = sys.argv[1]
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+for name, (cfg, settings) in runs().items():
+    train_sae(make_data(), cfg, TrainConfig(**settings, out_dir=f"{out}/{name}"))
+# uneven shards: rank 0 has 5 local batches, rank 1 has 7 -> both stop after 5 steps, nothing hangs
+cfg, settings = runs()["standard"]
+store = ShardedBatches(rank, world, 32, 5 + 2 * rank)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    sae, history = train_sae(store, cfg, TrainConfig(**{**settings, "b_dec_init": None}, out_dir=f"{out}/sharded"))
+assert history["step"][-1] == 5, history["step"]
+print(f"rank {rank} done", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    script = out / "ddp_train.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(out), str(HERE)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"torchrun failed:\n{r.stdout[-6000:]}\n{r.stderr[-6000:]}"
+    assert "rank 0 done" in r.stdout and "rank 1 done" in r.stdout
+    return out
+
+
+@pytest.mark.parametrize("name", list(runs()))
+def test_two_ranks_match_one_process(ddp_runs, name):
+    torch.set_num_threads(1)
+    cfg, settings = runs()[name]
+    single, history = train_sae(make_data(), cfg, TrainConfig(**{**settings, "checkpoint_every": None}))
+    parallel = SAE.load(ddp_runs / name / "sae")
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(parallel.state_dict()[key], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name} {key}: {m}")
+    logged = read_json(ddp_runs / name / "history.json")
+    assert logged["step"] == history["step"] and logged["tokens"] == history["tokens"]
+    for key in ("loss", "mse", "l0", "dead_fraction", "explained_variance", "lr"):
+        torch.testing.assert_close(torch.tensor(logged[key]), torch.tensor(history[key]), atol=1e-4, rtol=1e-4)
+    state = read_json(ddp_runs / name / "checkpoints" / "step_12" / "trainer_state.json")
+    assert state["world_size"] == 2 and state["data_sharded"] is False
+
+
+def test_rank0_alone_writes(ddp_runs):
+    names = sorted(p.name for p in (ddp_runs / "standard").iterdir())
+    assert names == ["checkpoints", "history.json", "sae"]
+    assert sorted(p.name for p in (ddp_runs / "standard" / "checkpoints").iterdir()) == ["latest", "step_12", "step_6"]
+
+
+def test_resume_with_another_world_size(ddp_runs, tmp_path):
+    torch.set_num_threads(1)
+    import shutil
+    # tensor data: the global batches do not depend on the world size, so one process may go on (with a warning)
+    run = tmp_path / "standard"
+    shutil.copytree(ddp_runs / "standard", run)
+    cfg, settings = runs()["standard"]
+    with pytest.warns(UserWarning, match="world size 2 on 1"):
+        sae, history = train_sae(make_data(), cfg, TrainConfig(**{**settings, "steps": 16}, out_dir=run, resume=True))
+    assert history["step"][-1] == 16
+    # a sharded store's positions are per rank: resuming on another world size is refused with the fix
+    sharded = ddp_runs / "sharded"
+    assert read_json(sharded / "checkpoints" / "step_5" / "trainer_state.json")["data_sharded"] is True
+    with pytest.raises(SaeNbError, match="torchrun --nproc_per_node 2"):
+        train_sae(ShardedBatches(0, 1, 64, 8), cfg, TrainConfig(**{**settings, "b_dec_init": None}, out_dir=sharded, resume=True))
