@@ -6,7 +6,7 @@
 __all__ = ['DEFAULT_MODEL', 'DEFAULT_HOOK', 'DEFAULT_CORPUS', 'TRAIN_DEFAULTS', 'SCALAR_METRICS', 'build_parser', 'StageTimer',
            'format_metrics', 'run_train', 'run_collect', 'run_eval', 'main', 'write_report']
 
-# %% ../nbs/10_cli.ipynb #d7295e6e
+# %% ../nbs/10_cli.ipynb #3a0cd829
 import argparse
 import contextlib
 import json
@@ -16,28 +16,28 @@ import tempfile
 import time
 from pathlib import Path
 
-# %% ../nbs/10_cli.ipynb #c6792c59
+# %% ../nbs/10_cli.ipynb #704587b3
 import torch
 
-# %% ../nbs/10_cli.ipynb #fdf2c18e
+# %% ../nbs/10_cli.ipynb #3ed27ce3
 from .config import SaeNbError, atomic_path, get_device, in_test, write_json_atomic
 from .models import EMBEDDED_MODELS, check_hook_name, load_model
 from .data import CORPORA, load_corpus, tokenize_corpus
 from .activations import ActivationStore
 from .sae import ARCHITECTURES, SAE, SAEConfig
-from .train import TrainConfig, train_sae
+from .train import TrainConfig, init_data_parallel, train_sae
 from .eval import evaluate, roundtrip
 
-# %% ../nbs/10_cli.ipynb #39b4db18
+# %% ../nbs/10_cli.ipynb #986acd40
 DEFAULT_MODEL, DEFAULT_HOOK, DEFAULT_CORPUS = "smollm2-135m", "blocks.0.mlp.hook_post", "pydoc"
 
-# %% ../nbs/10_cli.ipynb #94a6ce72
+# %% ../nbs/10_cli.ipynb #1a3aa460
 class _OneLineParser(argparse.ArgumentParser):
     "An ArgumentParser whose errors are one line on stderr with exit code 2."
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
-# %% ../nbs/10_cli.ipynb #dbbf97e4
+# %% ../nbs/10_cli.ipynb #bde1d11a
 def _positive_int(text: str) -> int:
     "argparse type: a whole number >= 1."
     try: v = int(text)
@@ -52,17 +52,17 @@ def _nonnegative_float(text: str) -> float:
     if not v >= 0 or v == float("inf"): raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
     return v
 
-# %% ../nbs/10_cli.ipynb #cc80f50f
+# %% ../nbs/10_cli.ipynb #7101d5e7
 TRAIN_DEFAULTS = dict(model=DEFAULT_MODEL, hook=DEFAULT_HOOK, corpus=DEFAULT_CORPUS, architecture="topk",
                       expansion=4, width=None, k=32, l1_coefficient=None, steps=600, batch_size=1024, lr=None,
                       context_size=128, eval_windows=16, seed=0, device=None, out=None, resume=False,
                       checkpoint_every=200, report=True)
 
-# %% ../nbs/10_cli.ipynb #79d9af75
+# %% ../nbs/10_cli.ipynb #cc8eda19
 _DEFAULT_LR = {"standard": 1e-3, "topk": 1e-3, "batchtopk": 1e-3, "jumprelu": 1e-3}
 _DEFAULT_SPARSITY = {"standard": 1.0, "topk": 0.0, "batchtopk": 0.0, "jumprelu": 1.0}
 
-# %% ../nbs/10_cli.ipynb #255d1cb3
+# %% ../nbs/10_cli.ipynb #79a54fac
 def build_parser() -> argparse.ArgumentParser:
     "The `sae_nb` argument parser: subcommands `train`, `collect` and `eval`, every option with its default."
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens", type=_positive_int, default=4096, help="evaluation tokens")
     return p
 
-# %% ../nbs/10_cli.ipynb #a7fec447
+# %% ../nbs/10_cli.ipynb #69f3e068
 def _default_out(args, suffix: str) -> Path:
     "runs/<model>-<hook>-<suffix>, with characters that are awkward in paths replaced."
     name = f"{args.model}-{args.hook}-{suffix}".replace("/", "_").replace(":", "_")
@@ -125,7 +125,7 @@ def _check_out_folder(out: Path, resume: bool = False) -> Path:
         raise SaeNbError(f"--out {out} is not writable ({e}): pick a folder you can write to.") from None
     return out
 
-# %% ../nbs/10_cli.ipynb #2ca7dfcd
+# %% ../nbs/10_cli.ipynb #d54514ba
 class StageTimer:
     "Wall-clock seconds per named stage, in the order the stages ran."
     def __init__(self): self.seconds = {}
@@ -140,7 +140,7 @@ class StageTimer:
         total = sum(self.seconds.values()) or 1.0
         return "\n".join(f"  {k:<10} {v:8.1f} s  {100 * v / total:5.1f}%" for k, v in self.seconds.items())
 
-# %% ../nbs/10_cli.ipynb #06980c62
+# %% ../nbs/10_cli.ipynb #776ba848
 SCALAR_METRICS = ("explained_variance", "fvu", "mse", "l0", "l1", "dead_fraction", "dense_fraction", "ce_clean",
                   "ce_sae", "ce_zero", "ce_mean", "loss_recovered", "kl", "top1_agreement", "top5_overlap", "n_tokens")
 
@@ -153,7 +153,7 @@ def format_metrics(metrics: dict, # scalar metrics from `evaluate`
     "Metrics as aligned `name value` lines."
     return "\n".join(f"  {k:<20} {v:.4g}" if isinstance(v, float) else f"  {k:<20} {v}" for k, v in _scalars(metrics).items())
 
-# %% ../nbs/10_cli.ipynb #d1117477
+# %% ../nbs/10_cli.ipynb #ff9b1705
 def _train_settings(args, d_in: int) -> tuple:
     "The SAEConfig and TrainConfig the `train` options ask for (validated by their constructors)."
     width = args.width or args.expansion * d_in
@@ -169,31 +169,39 @@ def _train_settings(args, d_in: int) -> tuple:
                             device=args.device, b_dec_init="mean", show_progress=True)
     return sae_cfg, train_cfg
 
-# %% ../nbs/10_cli.ipynb #83fb3f97
+# %% ../nbs/10_cli.ipynb #9f58de96
 def run_train(args) -> dict:
     "The main job: load, tokenise, collect + train, evaluate, report; returns the scalar metrics."
     timer = StageTimer()
     arch_suffix = f"{args.architecture}-{args.width or str(args.expansion) + 'x'}"
     args.out = str(_check_out_folder(Path(args.out) if args.out else _default_out(args, arch_suffix), args.resume))
-    device = get_device(args.device)
+    rank, world_size, device = init_data_parallel(args.device)   # (0, 1, best device) unless run under torchrun
+    main_rank = rank == 0
     with timer("load"):
         model = load_model(args.model, device=device)
         block = check_hook_name(model, args.hook)
     d_in = _hook_width(model, args.hook)
     sae_cfg, train_cfg = _train_settings(args, d_in)      # every setting validated before anything is written
+    if train_cfg.batch_size % world_size:
+        raise SaeNbError(f"--batch-size {train_cfg.batch_size} does not split over {world_size} ranks: use a multiple of {world_size}.")
+    if world_size > 1: torch.distributed.barrier()  # every rank validated its settings before rank 0 writes anything
     n_train = train_cfg.num_steps * train_cfg.batch_size
-    print(f"sae_nb train: {args.model} {args.hook} (d_in {d_in}) -> {sae_cfg.architecture} SAE of width {sae_cfg.d_sae}, "
+    if main_rank: print(f"sae_nb train: {args.model} {args.hook} (d_in {d_in}) -> {sae_cfg.architecture} SAE of width {sae_cfg.d_sae}, "
           f"{train_cfg.num_steps} steps x {train_cfg.batch_size} tokens, out {args.out}")
     with timer("tokenise"):
         need = (n_train * args.context_size) // max(args.context_size - 1, 1) + (args.eval_windows + 1) * args.context_size
-        tokens = tokenize_corpus(load_corpus(args.corpus), model, context_size=args.context_size, max_tokens=need)
+        tokens = tokenize_corpus(load_corpus(args.corpus), model, context_size=args.context_size, max_tokens=need,
+                                 show_progress=main_rank)
     if len(tokens) <= args.eval_windows:
         raise SaeNbError(f"The corpus gave only {len(tokens)} windows; --eval-windows {args.eval_windows} leaves none to train on: "
                          "use a larger corpus or fewer --eval-windows.")
     train_tokens, eval_tokens = tokens[:-args.eval_windows], tokens[-args.eval_windows:]
-    store = ActivationStore(model, train_tokens, args.hook, batch_size=train_cfg.batch_size, seed=args.seed, device=device)
+    # under data parallel each rank collects its own shard of the windows and takes batch_size / world_size rows a step
+    store = ActivationStore(model, train_tokens, args.hook, batch_size=train_cfg.batch_size // world_size, seed=args.seed,
+                            device=device, rank=rank, world_size=world_size, show_progress=main_rank)
     with timer("train"):
         sae, history = train_sae(store, sae_cfg, train_cfg)
+    if not main_rank: return {}   # rank 0 evaluates and reports
     collect = float(getattr(store, "collect_seconds", 0.0))
     if collect:
         timer.seconds["collect"] = collect; timer.seconds["train"] -= collect
@@ -215,7 +223,7 @@ def run_train(args) -> dict:
     print(f"\nstages (wall time):\n{timer.table()}")
     return summary
 
-# %% ../nbs/10_cli.ipynb #a232024f
+# %% ../nbs/10_cli.ipynb #7e23b76a
 def _hook_width(model, hook_name: str) -> int:
     "The last-dimension width of `hook_name`'s activation, from one tiny forward pass that stops after its block."
     captured = {}
@@ -226,7 +234,7 @@ def _hook_width(model, hook_name: str) -> int:
         model.run_with_hooks(tokens, fwd_hooks=[(hook_name, lambda a, hook: captured.setdefault("a", a))], stop_at_layer=stop)
     return int(captured["a"].shape[-1])
 
-# %% ../nbs/10_cli.ipynb #eef4134c
+# %% ../nbs/10_cli.ipynb #f17b7464
 def run_collect(args) -> Path:
     "Write an on-disk activation cache of `--tokens` rows; returns the cache folder."
     out = _check_out_folder(Path(args.out) if args.out else _default_out(args, "acts"))
@@ -242,7 +250,7 @@ def run_collect(args) -> Path:
           f"on {args.corpus} ({len(meta.get('shards', []))} shards)")
     return out
 
-# %% ../nbs/10_cli.ipynb #ebaa119f
+# %% ../nbs/10_cli.ipynb #5fa25b33
 def run_eval(args) -> dict:
     "Evaluate a saved SAE folder on `--tokens` tokens of the corpus and print the metrics."
     sae = SAE.load(args.sae, device=args.device)
@@ -256,7 +264,7 @@ def run_eval(args) -> dict:
     print(f"metrics of {args.sae} on {metrics['n_tokens']} tokens:\n{format_metrics(metrics)}")
     return _scalars(metrics)
 
-# %% ../nbs/10_cli.ipynb #eccba030
+# %% ../nbs/10_cli.ipynb #3f4dbc16
 def main(argv: list[str] | None = None, # command-line arguments (None: sys.argv[1:])
         ) -> int:
     "Entry point of the `sae_nb` console script; user errors print one line and return 2."
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None, # command-line arguments (None: sys.argv
         return 2
     return 0
 
-# %% ../nbs/10_cli.ipynb #46ae6994
+# %% ../nbs/10_cli.ipynb #c9ca83c1
 def write_report(path: str | Path, # the report file, e.g. OUT/report.html
                  summary: dict, # run settings + scalar metrics (+ "stage_seconds")
                  history: dict, # `train_sae`'s history
@@ -296,7 +304,7 @@ def write_report(path: str | Path, # the report file, e.g. OUT/report.html
     with atomic_path(path) as tmp: Path(tmp).write_text(doc, encoding="utf-8")
     return Path(path)
 
-# %% ../nbs/10_cli.ipynb #f48a44ca
+# %% ../nbs/10_cli.ipynb #0f3b0dd4
 def _running_as_script() -> bool:
     "True when this module runs as `python -m sae_nb.cli` (not inside IPython/Jupyter)."
     ip = sys.modules.get("IPython")

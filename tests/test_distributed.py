@@ -123,3 +123,22 @@ def test_resume_with_another_world_size(ddp_runs, tmp_path):
     assert read_json(sharded / "checkpoints" / "step_5" / "trainer_state.json")["data_sharded"] is True
     with pytest.raises(SaeNbError, match="torchrun --nproc_per_node 2"):
         train_sae(ShardedBatches(0, 1, 64, 8), cfg, TrainConfig(**{**settings, "b_dec_init": None}, out_dir=sharded, resume=True))
+
+
+def test_main_job_under_torchrun(tmp_path):
+    "`torchrun --nproc_per_node 2 -m sae_nb.cli train ...` trains data-parallel; rank 0 alone evaluates and writes."
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env.pop("WORLD_SIZE", None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "sae_nb.cli", "train", "--model", "glassllm-en", "--context-size", "64", "--architecture", "topk",
+                        "--k", "8", "--expansion", "1", "--steps", "8", "--batch-size", "128", "--eval-windows", "2",
+                        "--checkpoint-every", "4", "--no-report", "--device", "cpu", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"torchrun failed:\n{r.stdout[-6000:]}\n{r.stderr[-6000:]}"
+    assert r.stdout.count("SAE saved to") == 1          # one report, from rank 0
+    state = read_json(out / "checkpoints" / "step_8" / "trainer_state.json")
+    assert state["world_size"] == 2 and state["data_sharded"] is True
+    metrics = read_json(out / "metrics.json")
+    assert metrics["steps"] == 8 and 0 < metrics["l0"] <= 8
+    assert SAE.load(out / "sae").cfg.d_sae == 341
