@@ -7,7 +7,7 @@ __all__ = ['ARCHITECTURES', 'DTYPES', 'SAE_CFG_FILENAME', 'SAE_WEIGHTS_FILENAME'
            'SAEConfig', 'SAE', 'geometric_median', 'StandardSAE', 'auxk_loss', 'TopKSAE', 'BatchTopKSAE',
            'JumpReLUFunction', 'StepFunction', 'JumpReLUSAE']
 
-# %% ../nbs/04_sae.ipynb #bf401a90
+# %% ../nbs/04_sae.ipynb #36db511a
 import dataclasses
 import json
 import math
@@ -19,22 +19,22 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# %% ../nbs/04_sae.ipynb #52d7a128
+# %% ../nbs/04_sae.ipynb #43958ace
 import torch
 from torch import nn
 
-# %% ../nbs/04_sae.ipynb #f19528c9
+# %% ../nbs/04_sae.ipynb #34d4174c
 from .config import (SaeNbError, get_device, write_json_atomic, read_json, save_safetensors_atomic,
                            load_safetensors_checked)
 
-# %% ../nbs/04_sae.ipynb #316c590c
+# %% ../nbs/04_sae.ipynb #b5490c3d
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAE_CFG_FILENAME = "cfg.json"  # the names SAELens uses (sae_lens.constants)
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 NORMALIZE_ACTIVATIONS = ("none", "expected_average_only_in")
 
-# %% ../nbs/04_sae.ipynb #1eafed66
+# %% ../nbs/04_sae.ipynb #c63c2d3d
 def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
 
 @dataclass
@@ -102,7 +102,7 @@ class SAEConfig:
         if unknown: raise SaeNbError(f"Unknown SAEConfig field(s) {unknown}: valid fields are {sorted(names)}.")
         return cls(**d)
 
-# %% ../nbs/04_sae.ipynb #3ed0d5ae
+# %% ../nbs/04_sae.ipynb #c9c31977
 def _fp_check(x: torch.Tensor, d_in: int, what: str = "x"):
     if not isinstance(x, torch.Tensor): raise SaeNbError(f"{what} must be a torch.Tensor, got {type(x).__name__}.")
     if x.ndim < 1 or x.shape[-1] != d_in:
@@ -151,9 +151,7 @@ class SAE(nn.Module):
                   ) -> torch.Tensor:
         "Pre-activations `(x - b_dec) @ W_enc + b_enc` (`b_dec` only with `apply_b_dec_to_input`), [..., d_sae]."
         _fp_check(x, self.cfg.d_in)
-        x = x.to(self.dtype)
-        if self.cfg.apply_b_dec_to_input: x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        return _Encode.apply(x.to(self.dtype), self.b_dec if self.cfg.apply_b_dec_to_input else None, self.W_enc, self.b_enc)
 
     def activation(self, pre: torch.Tensor, # pre-activations [..., d_sae]
                   ) -> torch.Tensor:
@@ -209,7 +207,30 @@ class SAE(nn.Module):
 
     def _after_training_forward(self, f: torch.Tensor): pass
 
-# %% ../nbs/04_sae.ipynb #abd84997
+# %% ../nbs/04_sae.ipynb #4624d7d6
+class _Encode(torch.autograd.Function):
+    "`(x - b_dec) @ W_enc + b_enc` as one addmm; b_dec's gradient by a matrix-vector product instead of a GEMM."
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc):
+        xc = x - b_dec if b_dec is not None else x
+        x2 = xc.reshape(-1, xc.shape[-1])
+        ctx.save_for_backward(x2, W_enc)
+        ctx.x_shape = xc.shape
+        return torch.addmm(b_enc, x2, W_enc).reshape(*xc.shape[:-1], W_enc.shape[1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, W_enc = ctx.saved_tensors
+        need_x, need_b_dec, need_W, need_b = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = gb_dec = gW = gb = None
+        if need_W: gW = x2.T @ g2
+        if need_b or need_b_dec: gb = g2.sum(0)
+        if need_x: gx = g2 @ W_enc.T
+        if need_b_dec: gb_dec = -(gx.sum(0) if gx is not None else W_enc @ gb)
+        return (gx.reshape(ctx.x_shape) if gx is not None else None), gb_dec, gW, (gb if need_b else None)
+
+# %% ../nbs/04_sae.ipynb #4faef151
 @torch.no_grad()
 def _check_unit_rows(sae: SAE):
     norms = sae.W_dec.float().norm(dim=1)
@@ -228,8 +249,10 @@ def _on_before_optimizer_step(self):
     if g is None: return
     if not getattr(self, "_rows_checked", False):  # once per SAE: avoids a device sync every step
         _check_unit_rows(self); self._rows_checked = True
-    w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    g -= (g * w).sum(dim=1, keepdim=True) * w
+    W = self.W_dec
+    n2 = W.norm(dim=1).clamp(min=1e-12).pow(2)
+    dots = torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).reshape(-1)  # g_i . W_i without a [d_sae, d_in] temporary
+    g.addcmul_(W, (dots / n2).unsqueeze(1), value=-1)  # g_i -= (g_i . w_i) w_i, in place
 
 @torch.no_grad()
 def _on_after_optimizer_step(self):
@@ -251,7 +274,7 @@ SAE.on_after_optimizer_step = _on_after_optimizer_step
 SAE.fold_W_dec_norm = _fold_W_dec_norm
 SAE._fold_extra = lambda self, n: None
 
-# %% ../nbs/04_sae.ipynb #e3d2e5d1
+# %% ../nbs/04_sae.ipynb #81cef595
 def geometric_median(points: torch.Tensor, # [N, d] points
                      n_iter: int = 100, # most Weiszfeld iterations
                      tol: float = 1e-9, # stop when the step is below tol * (1 + |y|)
@@ -285,18 +308,41 @@ def _init_b_dec_(self, sample: torch.Tensor, # activations [N, d_in] (or [..., d
 
 SAE.init_b_dec_ = _init_b_dec_
 
-# %% ../nbs/04_sae.ipynb #66657317
+# %% ../nbs/04_sae.ipynb #0f7e9ed8
 class StandardSAE(SAE):
     "ReLU SAE trained with an L1 penalty weighted by decoder row norms (the study's architecture)."
     architecture = "standard"
     def activation(self, pre): return torch.relu(pre)
     def sparsity_loss(self, f, pre, coefficient):
-        "`coefficient * mean_t sum_i f_i ||W_dec_i||`."
-        return coefficient * (f * self.W_dec.norm(dim=1)).sum(-1).mean()
+        "`coefficient * mean_t sum_i f_i ||W_dec_i||`, computed as `coefficient * (sum_t f_t) . ||W_dec|| / n_tokens`."
+        f2 = f.reshape(-1, f.shape[-1])  # one pass over f, no [n_tokens, d_sae] temporary (nor in backward)
+        return coefficient * (f2.sum(0) @ self.W_dec.norm(dim=1)) / f2.shape[0]
 
 SAE_CLASSES["standard"] = StandardSAE
 
-# %% ../nbs/04_sae.ipynb #d0182c9f
+# %% ../nbs/04_sae.ipynb #62a6fa00
+class _GatherEncode(torch.autograd.Function):
+    "`pre[rows, cols]` (pre computed without grad) with the encoder's sparse backward: only selected columns get gradient."
+    @staticmethod
+    def forward(ctx, x2, b_dec, W_enc, b_enc, pre, rows, cols):
+        ctx.save_for_backward(x2, b_dec, W_enc, rows, cols)
+        return pre[rows, cols]
+
+    @staticmethod
+    def backward(ctx, gv):
+        x2, b_dec, W_enc, rows, cols = ctx.saved_tensors
+        need_x, need_b_dec, need_W, need_b = ctx.needs_input_grad[:4]
+        d_in, d_sae = W_enc.shape
+        gx = gb_dec = gW = gb = None
+        if need_b or need_b_dec: gb = gv.new_zeros(d_sae).index_add_(0, cols, gv)
+        if need_W or need_x:
+            G_T = torch.sparse_coo_tensor(torch.stack([cols, rows]), gv, (d_sae, x2.shape[0]))  # dL/dpre, transposed
+        if need_W: gW = torch.sparse.mm(G_T, x2 - b_dec if b_dec is not None else x2).T  # [d_in, d_sae]
+        if need_x: gx = torch.sparse.mm(G_T.t(), W_enc.T)
+        if need_b_dec: gb_dec = -(gx.sum(0) if gx is not None else W_enc @ gb)
+        return gx, gb_dec, gW, (gb if need_b else None), None, None, None
+
+# %% ../nbs/04_sae.ipynb #75c56276
 def auxk_loss(x: torch.Tensor, # activations [..., d_in]
               x_hat: torch.Tensor, # reconstruction [..., d_in]
               pre: torch.Tensor, # pre-activations [..., d_sae]
@@ -305,22 +351,41 @@ def auxk_loss(x: torch.Tensor, # activations [..., d_in]
               coefficient: float, # alpha
              ) -> torch.Tensor:
     "AuxK loss (Gao et al. 2024, as SAELens computes it): dead features' top pre-activations reconstruct the residual."
-    zero = x_hat.new_zeros(())
-    if dead_mask is None: return zero
     d_sae, d_in = W_dec.shape
-    dead_mask = torch.as_tensor(dead_mask, device=pre.device)
+    dead_mask = _checked_dead_mask(dead_mask, d_sae, pre.device)
+    if dead_mask is None: return x_hat.new_zeros(())
+    pre2 = pre.reshape(-1, d_sae)
+    top = _auxk_top(pre2, dead_mask, d_in)
+    z_aux = torch.zeros_like(pre2).scatter(-1, top.indices, torch.where(dead_mask[top.indices], top.values, 0))
+    residual = (x - x_hat).detach().reshape(-1, d_in)
+    return _auxk_scaled(z_aux @ W_dec - residual, dead_mask, d_in, coefficient)
+
+def _checked_dead_mask(dead_mask, d_sae: int, device) -> torch.Tensor | None:
+    "`dead_mask` as a bool tensor on `device`, checked to be `[d_sae]` (None stays None); reads nothing back from the device."
+    if dead_mask is None: return None
+    dead_mask = torch.as_tensor(dead_mask, device=device)
     if dead_mask.shape != (d_sae,) or dead_mask.dtype != torch.bool:
         raise SaeNbError(f"dead_mask must be a bool tensor of shape ({d_sae},), got {dead_mask.dtype} {tuple(dead_mask.shape)}.")
-    n_dead = int(dead_mask.sum())
-    if n_dead == 0: return zero
-    k_aux = max(d_in // 2, 1)
-    scale = min(n_dead / k_aux, 1.0)
-    k_aux = min(k_aux, n_dead)
-    pre2 = pre.reshape(-1, d_sae)
-    top = torch.where(dead_mask[None], pre2, -torch.inf).topk(k_aux, dim=-1, sorted=False)
-    z_aux = torch.zeros_like(pre2).scatter(-1, top.indices, top.values)
-    residual = (x - x_hat).detach().reshape(-1, d_in)
-    return coefficient * scale * (z_aux @ W_dec - residual).pow(2).sum(-1).mean()
+    return dead_mask
+
+def _auxk_top(pre2: torch.Tensor, # pre-activations [n_tokens, d_sae]
+              dead_mask: torch.Tensor, # bool [d_sae]
+              d_in: int, # the SAE's input width
+             ):
+    "Each token's top k_aux = min(d_in // 2, d_sae) pre-activations among the dead features; with fewer dead, live ones at -inf fill the rest (mask them with `dead_mask[indices]`)."
+    return torch.where(dead_mask, pre2, -torch.inf).topk(min(max(d_in // 2, 1), pre2.shape[-1]), dim=-1, sorted=False)
+
+def _auxk_scaled(error: torch.Tensor, # AuxK reconstruction minus the residual [n_tokens, d_in]
+                 dead_mask: torch.Tensor, # bool [d_sae]
+                 d_in: int, # the SAE's input width
+                 coefficient: float, # alpha
+                ) -> torch.Tensor:
+    "`alpha * min(1, n_dead / (d_in // 2)) * mean_t ||error_t||^2`, n_dead counted on the device; bit for bit the value of a Python-float factor."
+    mse = error.pow(2).sum(-1).mean()
+    opmath = torch.float32 if mse.dtype in (torch.float16, torch.bfloat16) else mse.dtype  # what torch computes a float factor in
+    count_dtype = torch.float32 if dead_mask.device.type == "mps" else torch.float64  # the Python float's precision where there is one
+    scale = (dead_mask.sum(dtype=count_dtype) / max(d_in // 2, 1)).clamp(max=1.0) * coefficient
+    return (scale.to(opmath) * mse).to(mse.dtype)
 
 class TopKSAE(SAE):
     "TopK SAE: ReLU of the k largest pre-activations per token; AuxK keeps dead features learning."
@@ -331,6 +396,44 @@ class TopKSAE(SAE):
     def aux_loss(self, x, x_hat, pre, dead_mask):
         "AuxK loss (`auxk_loss`) with `cfg.aux_loss_coefficient`."
         return auxk_loss(x, x_hat, pre, self.W_dec, dead_mask, self.cfg.aux_loss_coefficient)
+    sparse_training: bool | None = None  # None: sparse training path when k <= d_sae/32 (and a dtype embedding_bag takes); True/False force it
+    def _use_sparse(self) -> bool:
+        "Whether `training_loss` takes the sparse path."
+        if self.sparse_training is not None: return bool(self.sparse_training)
+        return self.cfg.k * 32 <= self.cfg.d_sae and (self.device.type != "cpu" or self.dtype in (torch.float32, torch.float64))
+    def _select(self, pre):
+        "`(rows, cols, offsets)`: the (token, feature) pairs `activation` keeps, token-major, and where each token's start."
+        n, k = pre.shape[0], self.cfg.k
+        tok = torch.arange(n, device=pre.device)
+        return tok.repeat_interleave(k), pre.topk(k, dim=-1, sorted=False).indices.reshape(-1), tok * k
+    def training_loss(self, x, sparsity_coefficient, dead_mask=None):
+        "As `SAE.training_loss`; on the sparse path the decoder and the encoder's backward touch only the active features."
+        if not self._use_sparse(): return super().training_loss(x, sparsity_coefficient, dead_mask)
+        _fp_check(x, self.cfg.d_in)
+        x = x.to(self.dtype)
+        d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
+        x2 = x.reshape(-1, d_in)
+        b_dec_in = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        with torch.no_grad(): pre = torch.addmm(self.b_enc, x2 - b_dec_in if b_dec_in is not None else x2, self.W_enc)  # as _Encode; no graph
+        rows, cols, offsets = self._select(pre)
+        vals = _GatherEncode.apply(x2, b_dec_in, self.W_enc, self.b_enc, pre, rows, cols).relu()
+        x_hat = torch.nn.functional.embedding_bag(cols, self.W_dec, offsets, per_sample_weights=vals, mode="sum") + self.b_dec
+        mse = (x_hat - x2).pow(2).sum(-1).mean()
+        aux, dead_mask = x_hat.new_zeros(()), _checked_dead_mask(dead_mask, d_sae, pre.device)
+        if dead_mask is not None:  # each token's top dead pre-activations, with the encoder's sparse backward; fixed shapes
+            a_cols = _auxk_top(pre, dead_mask, d_in).indices  # [n_tokens, k_aux]
+            n, k_aux = a_cols.shape
+            a_cols, tok = a_cols.reshape(-1), torch.arange(n, device=pre.device)
+            a_vals = _GatherEncode.apply(x2, b_dec_in, self.W_enc, self.b_enc, pre, tok.repeat_interleave(k_aux), a_cols)
+            a_vals = torch.where(dead_mask[a_cols], a_vals, 0)  # live features filling a token's k_aux: weight 0
+            recon = torch.nn.functional.embedding_bag(a_cols, self.W_dec, tok * k_aux, per_sample_weights=a_vals, mode="sum")
+            aux = _auxk_scaled(recon - (x2 - x_hat).detach(), dead_mask, d_in, self.cfg.aux_loss_coefficient)
+        self._after_training_forward(vals.detach())  # the nonzero features are exactly the positive vals
+        f = pre.zero_().index_put_((rows, cols), vals)  # dense features in pre's memory, differentiable w.r.t. vals
+        sparsity = x_hat.new_zeros(())
+        lead = x.shape[:-1]
+        return dict(loss=mse + sparsity + aux, mse=mse, sparsity=sparsity, aux=aux,
+                    feature_acts=f.reshape(*lead, d_sae), x_hat=x_hat.reshape(*lead, d_in))
     def fold_W_dec_norm(self):
         "Not possible for TopK: rescaling pre-activations would change which features are in the top k."
         if (self.W_dec.detach().norm(dim=1) - 1).abs().max() < 1e-6: return self
@@ -339,7 +442,7 @@ class TopKSAE(SAE):
 
 SAE_CLASSES["topk"] = TopKSAE
 
-# %% ../nbs/04_sae.ipynb #c323d957
+# %% ../nbs/04_sae.ipynb #23879b53
 def _jumprelu_inference(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     "SAELens' JumpReLU at inference: ReLU(pre) where pre > threshold, else 0."
     return torch.relu(pre) * (pre > threshold).to(pre.dtype)
@@ -367,10 +470,17 @@ class BatchTopKSAE(TopKSAE):
             self.threshold.copy_(((1 - lr) * self.threshold.double() + lr * pos.min().double()).to(self.threshold.dtype))
     def _fold_extra(self, n): self.threshold *= n
     def fold_W_dec_norm(self): return SAE.fold_W_dec_norm(self)
+    def _use_sparse(self) -> bool: return self.training and super()._use_sparse()  # eval: the threshold, dense
+    def _select(self, pre):
+        "`(rows, cols, offsets)` of the batch's k * n_tokens largest ReLU'd pre-activations, token-major."
+        n, d_sae = pre.shape
+        flat = pre.relu().reshape(-1).topk(int(self.cfg.k * n), sorted=False).indices.sort().values
+        rows = flat // d_sae
+        return rows, flat % d_sae, torch.searchsorted(rows, torch.arange(n, device=pre.device))
 
 SAE_CLASSES["batchtopk"] = BatchTopKSAE
 
-# %% ../nbs/04_sae.ipynb #5f3512b1
+# %% ../nbs/04_sae.ipynb #e609c829
 def _rectangle(u: torch.Tensor) -> torch.Tensor: return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 class JumpReLUFunction(torch.autograd.Function):
@@ -423,7 +533,7 @@ class JumpReLUSAE(SAE):
 
 SAE_CLASSES["jumprelu"] = JumpReLUSAE
 
-# %% ../nbs/04_sae.ipynb #08df0b07
+# %% ../nbs/04_sae.ipynb #b6d9ce34
 _LAYOUT_VERSION = "6.0.0"
 _META_FIELDS = ("model_name", "hook_name", "hook_layer", "hook_head_index", "context_size", "prepend_bos", "dataset_path")
 _DETAIL_FIELDS = {"topk": ("aux_loss_coefficient",), "batchtopk": ("k", "aux_loss_coefficient", "topk_threshold_lr"),
@@ -510,7 +620,7 @@ def _config_from_saelens_dict(d: dict, # a parsed cfg.json (SAELens v6, pre-v6, 
     except TypeError as e: raise SaeNbError(f"{path}: bad config value ({e}).") from e
     return cfg, bool(d.get("rescale_acts_by_decoder_norm", False))
 
-# %% ../nbs/04_sae.ipynb #4a24fa8a
+# %% ../nbs/04_sae.ipynb #7c212618
 def _tensors_for_saving(self) -> dict:
     "The tensors SAELens expects in `sae_weights.safetensors`, checked finite."
     tensors = {n: getattr(self, n).detach() for n in self.tensor_names}
@@ -551,7 +661,7 @@ def _save(self, folder: str | Path, # the folder to write (created; its parent t
 SAE._tensors_for_saving = _tensors_for_saving
 SAE.save = _save
 
-# %% ../nbs/04_sae.ipynb #f8a9da24
+# %% ../nbs/04_sae.ipynb #91bedee3
 def _device_or_cpu(device) -> str:
     try: return str(get_device(device))
     except SaeNbError: return "cpu"

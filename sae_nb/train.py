@@ -6,12 +6,13 @@
 __all__ = ['DEFAULT_STEPS', 'ARCHITECTURES_WITH_AUXK', 'HISTORY_KEYS', 'TrainConfig', 'lr_factor', 'l1_factor',
            'init_data_parallel', 'resample_dead_features_', 'latest_checkpoint', 'train_sae']
 
-# %% ../nbs/05_train.ipynb #cd1ab3bd
+# %% ../nbs/05_train.ipynb #e3c1bb62
 import atexit
 import dataclasses
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import threading
@@ -20,27 +21,27 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-# %% ../nbs/05_train.ipynb #0c888cd0
+# %% ../nbs/05_train.ipynb #05261b20
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-# %% ../nbs/05_train.ipynb #786c0f1a
+# %% ../nbs/05_train.ipynb #599bb2aa
 from .config import (SaeNbError, in_test, get_device, seed_everything, atomic_path, write_json_atomic, read_json,
                            save_safetensors_atomic, load_safetensors_checked)
 from .sae import SAE, SAEConfig
 
-# %% ../nbs/05_train.ipynb #c9b62d88
+# %% ../nbs/05_train.ipynb #1fdf4d86
 DEFAULT_STEPS = 4000
 "Steps trained when neither `steps` nor `total_tokens` is set (16M tokens at the default batch)."
 
-# %% ../nbs/05_train.ipynb #00b9b408
+# %% ../nbs/05_train.ipynb #557db93c
 ARCHITECTURES_WITH_AUXK = ("topk", "batchtopk")
 "Architectures whose `training_loss` takes the dead-feature mask for the AuxK loss."
 
-# %% ../nbs/05_train.ipynb #55f9daf2
+# %% ../nbs/05_train.ipynb #2cde6eb2
 @dataclass
 class TrainConfig:
     "Hyper-parameters and run settings for `train_sae` (validated on construction)."
@@ -144,7 +145,7 @@ class TrainConfig:
         if self.wandb_project is not None and (not isinstance(self.wandb_project, str) or not self.wandb_project):
             bad("wandb_project", "must be a project name", "use a string or None")
 
-# %% ../nbs/05_train.ipynb #3a4c44b2
+# %% ../nbs/05_train.ipynb #46de8332
 def lr_factor(step: int, # the optimizer step about to be taken, counted from 0
               num_steps: int, # T, all steps of the run
               warmup_steps: int, # w, linear warm-up steps (0: none)
@@ -156,14 +157,14 @@ def lr_factor(step: int, # the optimizer step about to be taken, counted from 0
     if decay_steps > 0: f = min(f, (num_steps - step) / decay_steps)
     return max(f, 0.0)
 
-# %% ../nbs/05_train.ipynb #a2370b00
+# %% ../nbs/05_train.ipynb #a4a3212b
 def l1_factor(step: int, # the optimizer step about to be taken, counted from 0
               warmup_steps: int, # linear warm-up steps (0: none)
              ) -> float:
     "The sparsity-coefficient multiplier at `step`: (step+1)/warmup_steps, at most 1."
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
-# %% ../nbs/05_train.ipynb #02ca29c2
+# %% ../nbs/05_train.ipynb #e26a2462
 def _epoch_permutation(n: int, # rows of the data
                        seed: int, # the run's seed
                        epoch: int, # pass over the data, from 0
@@ -172,7 +173,12 @@ def _epoch_permutation(n: int, # rows of the data
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**63, epoch]).generate_state(2, np.uint64)[0] % 2**63))
     return torch.randperm(n, generator=g)
 
-# %% ../nbs/05_train.ipynb #016e5e43
+# %% ../nbs/05_train.ipynb #07eba976
+def _is_whole(v) -> bool:
+    "Whether `v` is an int (not a bool): a whole number read from JSON."
+    return isinstance(v, int) and not isinstance(v, bool)
+
+# %% ../nbs/05_train.ipynb #b6bb5653
 class _Source:
     "A batch source; `push_back(batch)` makes `next()` return that batch first (used to peek at the first batch)."
     _pending = None
@@ -184,7 +190,7 @@ class _Source:
             return batch
         return self._next()
 
-# %% ../nbs/05_train.ipynb #98128f83
+# %% ../nbs/05_train.ipynb #6766d7c6
 class _TensorBatches(_Source):
     "Global batches from a `[N, d_in]` tensor: seeded permutation per epoch, full batches, this rank's slice of each."
     def __init__(self, data, batch_size, seed, rank, world_size):
@@ -199,9 +205,13 @@ class _TensorBatches(_Source):
         self.index += 1
         return self.data[rows.tensor_split(self.world_size)[self.rank]]
     def state_dict(self): return {"kind": "tensor", "epoch": self.epoch, "index": self.index}
+    def state_problem(self, state):
+        "What is wrong with a saved `state_dict()` for this data (None: nothing)."
+        if not (_is_whole(state.get("epoch")) and state["epoch"] >= 0): return "has no whole 'epoch' >= 0"
+        if not (_is_whole(state.get("index")) and 0 <= state["index"] <= self.per_epoch): return f"has no whole 'index' in 0..{self.per_epoch}"
     def load_state_dict(self, state): self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
-# %% ../nbs/05_train.ipynb #0ff4a778
+# %% ../nbs/05_train.ipynb #0f178b1e
 class _IterableBatches(_Source):
     "Batches from an iterable: global batches sliced per rank, or (`local=True`) a store's own per-rank batches."
     def __init__(self, data, rank, world_size, local):
@@ -227,6 +237,10 @@ class _IterableBatches(_Source):
     def state_dict(self):
         if self.stateful: return {"kind": "stateful", "consumed": self.consumed, "state": self.data.state_dict()}
         return {"kind": "skip", "consumed": self.consumed}
+    def state_problem(self, state):
+        "What is wrong with a saved `state_dict()` for this data (None: nothing)."
+        if not (_is_whole(state.get("consumed")) and state["consumed"] >= 0): return "has no whole 'consumed' >= 0"
+        if state["kind"] == "stateful" and "state" not in state: return "has no 'state' of the data"
     def load_state_dict(self, state):
         if state["kind"] == "stateful" and self.stateful: self.data.load_state_dict(state["state"])
         else:
@@ -234,7 +248,7 @@ class _IterableBatches(_Source):
                 if self._next_raw() is None: raise SaeNbError(f"Cannot resume: the data ran out while skipping the {state['consumed']} batches already trained on; pass the same data as the interrupted run.")
         self.consumed = int(state["consumed"])
 
-# %% ../nbs/05_train.ipynb #9d7240ad
+# %% ../nbs/05_train.ipynb #af505b45
 _CTRL_GROUPS = {}  # default process group -> its gloo group for control flags (created once, reused by later runs)
 
 class _Processes:
@@ -290,14 +304,14 @@ class _Processes:
             box = [msg]; dist.broadcast_object_list(box, src=0, group=self.ctrl); msg = box[0]
         if msg is not None: raise SaeNbError(msg)
 
-# %% ../nbs/05_train.ipynb #a13b8785
+# %% ../nbs/05_train.ipynb #3e6bfd16
 def init_data_parallel(device: str | None = None, # None: cuda:LOCAL_RANK under torchrun with GPUs, else cuda > mps > cpu
                       ) -> tuple:
     "Initialise torch.distributed from torchrun's environment if needed; returns `(rank, world_size, device)`."
     p = _Processes(device)
     return p.rank, p.world_size, p.device
 
-# %% ../nbs/05_train.ipynb #d2d8a586
+# %% ../nbs/05_train.ipynb #743ebdff
 @torch.no_grad()
 def resample_dead_features_(sae: nn.Module, # a standard SAE (W_enc, W_dec, b_enc changed in place)
                             optimizer: torch.optim.Optimizer | None, # its Adam (moments of resampled rows reset), or None
@@ -350,18 +364,31 @@ def resample_dead_features_(sae: nn.Module, # a standard SAE (W_enc, W_dec, b_en
                 if key in optimizer.state.get(p, {}): optimizer.state[p][key][index] = 0.0
     return n_dead
 
-# %% ../nbs/05_train.ipynb #463da46a
+# %% ../nbs/05_train.ipynb #0cd0a7f0
+def _checkpoint_step(name: str, # a folder name
+                    ) -> int | None:
+    "The step of a checkpoint folder name `step_<digits>`, or None for any other name."
+    m = re.fullmatch(r"step_([0-9]+)", name)
+    return int(m.group(1)) if m else None
+
 def latest_checkpoint(out_dir: str | Path, # a run folder written by `train_sae`
                      ) -> Path | None:
     "The newest complete checkpoint folder of a run, or None if it has none."
-    pointer = Path(out_dir) / "checkpoints" / "latest"
+    root = Path(out_dir) / "checkpoints"
+    pointer = root / "latest"
     if not pointer.is_file(): return None
-    folder = pointer.parent / pointer.read_text().strip()
-    if not (folder / "trainer_state.json").is_file():
-        raise SaeNbError(f"{pointer} points at {folder.name}, which is missing or incomplete: delete {pointer} to start over, or restore the folder.")
+    try: name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SaeNbError(f"{pointer} cannot be read ({e}): write the name of the newest complete step_N folder into it, or delete it to start over.") from e
+    if _checkpoint_step(name) is None:
+        raise SaeNbError(f"{pointer} names {name[:100]!r}, not a checkpoint folder of this run (step_<number> inside {root}): "
+                         f"write the name of the newest complete step_N folder into it, or delete it to start over.")
+    folder = root / name
+    if folder.is_symlink() or not (folder / "trainer_state.json").is_file():
+        raise SaeNbError(f"{pointer} points at {folder.name}, which is missing, incomplete or a link: delete {pointer} to start over, or restore the folder.")
     return folder
 
-# %% ../nbs/05_train.ipynb #e5b17bf3
+# %% ../nbs/05_train.ipynb #2ae153af
 def _rng_state_json():
     "Python's and numpy's global RNG states as JSON-able values."
     v, internal, gauss = random.getstate()
@@ -375,7 +402,7 @@ def _set_rng_state_json(state):
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
-# %% ../nbs/05_train.ipynb #d7e74a09
+# %% ../nbs/05_train.ipynb #0d37a900
 def _write_checkpoint(out_dir, # the run folder
                       step: int, # steps done
                       sae, # the SAE (saved with `sae.save`)
@@ -399,27 +426,19 @@ def _write_checkpoint(out_dir, # the run folder
     else: os.replace(tmp, final)
     with atomic_path(root / "latest") as t: Path(t).write_text(name + "\n")
     if keep is not None:
-        done = sorted((int(p.name[5:]), p) for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
+        done = sorted((_checkpoint_step(p.name), p) for p in root.glob("step_*") if p.is_dir() and _checkpoint_step(p.name) is not None)
         for s, p in done[:-keep]:
             if p != final: shutil.rmtree(p, ignore_errors=True)
     return final
 
-# %% ../nbs/05_train.ipynb #121fd24c
+# %% ../nbs/05_train.ipynb #28534602
 def _save_sae_folder(sae, # the SAE
                      folder, # where it goes (replaced if there)
                     ) -> Path:
-    "Save the SAE to `folder` atomically (a temporary folder renamed over it)."
-    folder = Path(folder)
-    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
-    for p in (tmp, old):
-        if p.exists(): shutil.rmtree(p)
-    sae.save(tmp)
-    if folder.exists(): os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old.exists(): shutil.rmtree(old)
-    return folder
+    "Save the SAE to `folder`, replacing one there; a kill at any moment leaves the old SAE or the new one, never neither."
+    return sae.save(folder, overwrite=True)  # a new folder is renamed in whole; an existing one gets its two files replaced
 
-# %% ../nbs/05_train.ipynb #9c29fc8b
+# %% ../nbs/05_train.ipynb #d6bd1ed5
 class _StopRequest:
     "Context manager: SIGINT sets `.requested` (first time only) instead of raising, in the main thread."
     def __init__(self): self.requested, self._old = False, None
@@ -435,18 +454,18 @@ class _StopRequest:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._old if self._old is not None else signal.default_int_handler)
 
-# %% ../nbs/05_train.ipynb #723abe4c
+# %% ../nbs/05_train.ipynb #2439ad45
 HISTORY_KEYS = ("step", "tokens", "loss", "mse", "sparsity", "aux", "l1", "l0", "dead_fraction", "lr", "l1_coefficient",
                 "decoder_norm_mean", "decoder_norm_min", "decoder_norm_max", "explained_variance", "resampled", "elapsed_s")
 "The keys of the history `train_sae` returns: one list per key, one entry per logged step."
 
-# %% ../nbs/05_train.ipynb #fe048c33
+# %% ../nbs/05_train.ipynb #a2dac8b6
 class _LossModule(nn.Module):
     "Wraps the SAE so that DDP sees `training_loss` as its forward."
     def __init__(self, sae): super().__init__(); self.sae = sae
     def forward(self, x, coefficient, dead_mask): return self.sae.training_loss(x, coefficient, dead_mask=dead_mask)
 
-# %% ../nbs/05_train.ipynb #a9c12bfd
+# %% ../nbs/05_train.ipynb #bd3d9339
 def _make_source(data, # what `train_sae` was given
                  tc: TrainConfig, # the run settings
                  processes, # this process's `_Processes`
@@ -480,12 +499,12 @@ def _make_source(data, # what `train_sae` was given
         raise SaeNbError(f"The data store yields batches of {store_bs} rows but TrainConfig.batch_size={B}: build the store with batch_size={B}, or set batch_size={store_bs}.")
     return _IterableBatches(data, processes.rank, W, local)
 
-# %% ../nbs/05_train.ipynb #4ea7ba42
+# %% ../nbs/05_train.ipynb #ed75b93f
 def _build_sae(sae_or_cfg, # an SAEConfig or an SAE
                tc: TrainConfig, # the run settings (its seed)
                resume_folder: Path | None, # the checkpoint to load, or None
-              ):
-    "The SAE to train: loaded from the checkpoint, built from a config (seeded), or the given module."
+              ) -> tuple:
+    "`(sae, weights)`: the SAE to train (built from a config, seeded, or the given module) and the checkpoint's state dict to load into it once the rest of the checkpoint is checked (None: fresh)."
     generator = seed_everything(tc.seed)
     if isinstance(sae_or_cfg, nn.Module): sae = sae_or_cfg
     elif isinstance(sae_or_cfg, SAEConfig): sae = SAE.from_config(sae_or_cfg, generator=generator)
@@ -495,10 +514,10 @@ def _build_sae(sae_or_cfg, # an SAEConfig or an SAE
         for key in ("architecture", "d_in", "d_sae"):
             a, b = getattr(loaded.cfg, key), getattr(sae.cfg, key)
             if a != b: raise SaeNbError(f"Cannot resume {resume_folder}: its SAE has {key}={a!r}, the one given has {key}={b!r}; pass the same SAE config as the interrupted run, or a new out_dir.")
-        sae.load_state_dict(loaded.state_dict())
-    return sae
+        return sae, loaded.state_dict()
+    return sae, None
 
-# %% ../nbs/05_train.ipynb #62dfe2a2
+# %% ../nbs/05_train.ipynb #4b6c8d4b
 def _check_out_dir(tc: TrainConfig, # the run settings (out_dir, resume)
                   ):
     "Rank 0: the run folder must be writable; resume needs a checkpoint, a fresh run needs none."
@@ -515,7 +534,7 @@ def _check_out_dir(tc: TrainConfig, # the run settings (out_dir, resume)
     if not tc.resume and latest is not None:
         raise SaeNbError(f"{out} already holds a training run (checkpoint {latest.name}): pass resume=True to continue it, or choose another out_dir.")
 
-# %% ../nbs/05_train.ipynb #ec69e43e
+# %% ../nbs/05_train.ipynb #381aa254
 def _optimizer_tensors(sae, # the SAE
                        optimizer, # its Adam
                       ) -> dict:
@@ -541,7 +560,122 @@ def _load_optimizer(sae, # the SAE
     groups[0]["betas"] = tuple(groups[0]["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
-# %% ../nbs/05_train.ipynb #17db6de2
+# %% ../nbs/05_train.ipynb #c1b2b1cb
+def _damaged_checkpoint(folder: Path, # the checkpoint folder
+                        file: str, # the file in it with the problem
+                        problem: str, # what is wrong, e.g. "has no 'step'"
+                       ) -> SaeNbError:
+    "The error for a checkpoint that cannot be resumed: the file, the problem, and how to go back to the previous one."
+    root, this = folder.parent, _checkpoint_step(folder.name)
+    older = sorted(s for p in root.iterdir() if (s := _checkpoint_step(p.name)) is not None and this is not None
+                   and s < this and (p / "trainer_state.json").is_file())
+    fix = (f"delete {folder} and write step_{older[-1]} into {root / 'latest'} to resume from the previous checkpoint, "
+           "or start afresh with a new out_dir") if older else f"start afresh with a new out_dir (or delete {root})"
+    return SaeNbError(f"Cannot resume from {folder}: {file} {problem}. The checkpoint is damaged: {fix}.")
+
+def _same_kind(fresh, saved) -> bool:
+    "Whether a JSON value `saved` has the type of the value `fresh` a new optimizer or scheduler holds there."
+    if isinstance(fresh, bool) or fresh is None: return saved is None or isinstance(saved, bool)
+    if isinstance(fresh, int): return _is_whole(saved)
+    if isinstance(fresh, float): return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+    if isinstance(fresh, (list, tuple)):
+        return isinstance(saved, list) and len(saved) == len(fresh) and all(_same_kind(a, b) for a, b in zip(fresh, saved))
+    return type(saved) is type(fresh)
+
+# %% ../nbs/05_train.ipynb #70d9b66a
+def _check_trainer_state(folder: Path, # the checkpoint folder
+                         state: dict, # its trainer_state.json, parsed
+                         tensors: dict, # its trainer_state.safetensors
+                         sae, # the SAE being resumed
+                         optimizer, # its fresh Adam
+                         scheduler, # its fresh lr scheduler
+                         source, # this rank's batch source
+                         processes, # this process's `_Processes`
+                        ) -> dict:
+    "Check everything `train_sae` restores from a checkpoint; returns the scheduler state to load. Raises one `SaeNbError` for the first problem."
+    J, S = "trainer_state.json", "trainer_state.safetensors"
+    def bad(file, problem): raise _damaged_checkpoint(folder, file, problem)
+    def show(v): return repr(v)[:60]
+    if not isinstance(state, dict): bad(J, f"holds a JSON {type(state).__name__}, not an object")
+    need = {"step": (lambda v: _is_whole(v) and v >= 0, "a whole number >= 0"),
+            "tokens": (lambda v: _is_whole(v) and v >= 0, "a whole number >= 0"),
+            "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("param_groups"), list), "an object with a list 'param_groups'"),
+            "scheduler": (lambda v: isinstance(v, dict), "an object"),
+            "rng": (lambda v: isinstance(v, dict) and isinstance(v.get("python"), list) and isinstance(v.get("numpy"), list), "an object with lists 'python' and 'numpy'"),
+            "data_state": (lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(d, dict) for d in v), "a non-empty list of objects"),
+            "history": (lambda v: isinstance(v, dict) and all(isinstance(v.get(k, []), list) for k in HISTORY_KEYS), "an object of lists")}
+    optional = {"world_size": (lambda v: _is_whole(v) and v >= 1, "a whole number >= 1"),
+                "elapsed_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number"),
+                "resampled_since_log": (lambda v: _is_whole(v) and v >= 0, "a whole number >= 0"),
+                "train_config": (lambda v: isinstance(v, dict), "an object"), "data_sharded": (lambda v: isinstance(v, bool), "true or false")}
+    for key, (ok, what) in {**need, **optional}.items():
+        if key not in state:
+            if key in need: bad(J, f"has no {key!r}")
+        elif not ok(state[key]): bad(J, f"has {key!r} = {show(state[key])}, not {what}")
+    # optimizer: the saved parameter groups must hold every setting a new Adam has, of the same types
+    names = [n for n, _ in sae.named_parameters()]
+    saved_groups, fresh_groups = state["optimizer"]["param_groups"], optimizer.state_dict()["param_groups"]
+    if state["optimizer"].get("param_names", names) != names:
+        bad(J, f"has optimizer parameters {show(state['optimizer'].get('param_names'))}, this SAE has {names}")
+    if len(saved_groups) != len(fresh_groups): bad(J, f"has {len(saved_groups)} optimizer parameter groups, not {len(fresh_groups)}")
+    for saved, fresh in zip(saved_groups, fresh_groups):
+        if not isinstance(saved, dict): bad(J, f"has an optimizer parameter group {show(saved)}, not an object")
+        for k, v in fresh.items():
+            if k != "params" and (k not in saved or not _same_kind(v, saved[k])):
+                bad(J, f"has optimizer setting {k!r} = {show(saved.get(k, 'missing'))}, expected a value like {v!r}")
+    # scheduler: the fields a new one has, of the same types; the lr functions stay this run's own
+    fresh_sched = scheduler.state_dict()
+    for k, v in fresh_sched.items():
+        if "lr_lambdas" not in k and (k not in state["scheduler"] or not _same_kind(v, state["scheduler"][k])):
+            bad(J, f"has scheduler field {k!r} = {show(state['scheduler'].get(k, 'missing'))}, expected a value like {v!r}")
+    sched = {k: (v if "lr_lambdas" in k else state["scheduler"][k]) for k, v in fresh_sched.items()}
+    # python's and numpy's RNG states: restored into throw-away generators first
+    try:
+        v, internal, gauss = state["rng"]["python"]
+        if not (gauss is None or isinstance(gauss, float)): raise TypeError(f"python gauss_next {gauss!r} is not a float or null")
+        random.Random().setstate((v, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = state["rng"]["numpy"]
+        np.random.RandomState().set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    except (TypeError, ValueError, OverflowError) as e: bad(J, f"has an unusable 'rng' state ({type(e).__name__}: {e})")
+    # the data position this rank will restore
+    W, data_states = processes.world_size, state["data_state"]
+    data_state = data_states[processes.rank] if len(data_states) == W else data_states[0]
+    kinds = ("tensor",) if isinstance(source, _TensorBatches) else ("stateful", "skip")
+    if data_state.get("kind") not in kinds:
+        if data_state.get("kind") in ("tensor", "stateful", "skip"):
+            raise SaeNbError(f"Cannot resume from {folder}: it was trained on {'a tensor' if data_state['kind'] == 'tensor' else 'an iterable'}, "
+                             f"this run was given {'a tensor' if kinds == ('tensor',) else 'an iterable'}: pass the same data as the interrupted run.")
+        bad(J, f"has a 'data_state' of unknown kind {show(data_state.get('kind'))}")
+    problem = source.state_problem(data_state)
+    if problem: bad(J, f"has a 'data_state' that {problem}")
+    lengths = {len(state["history"][k]) for k in HISTORY_KEYS if k in state["history"]}
+    if len(lengths) > 1: bad(J, "has a 'history' whose lists differ in length")
+    # tensors: names, dtypes, shapes
+    def check_tensor(name, shape, dtype):
+        t = tensors.get(name)
+        if t is None: bad(S, f"has no tensor {name!r}")
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            bad(S, f"has {name!r} of {str(t.dtype).replace('torch.', '')} {tuple(t.shape)}, expected {str(dtype).replace('torch.', '')} {tuple(shape)}")
+    check_tensor("rng.torch", torch.get_rng_state().shape, torch.uint8)
+    check_tensor("rng.resample", torch.Generator().get_state().shape, torch.uint8)
+    if "rng.cuda" in tensors and processes.device.type == "cuda":
+        check_tensor("rng.cuda", torch.cuda.get_rng_state(processes.device).shape, torch.uint8)
+    check_tensor("tokens_since_fired", (sae.cfg.d_sae,), torch.int64)
+    check_tensor("metric_sums", (8,), torch.float64)
+    params, fields = dict(sae.named_parameters()), {}
+    for key, t in tensors.items():
+        if not key.startswith("optimizer."): continue
+        name, _, field = key[len("optimizer."):].rpartition(".")
+        if name not in params or field not in ("step", "exp_avg", "exp_avg_sq"): bad(S, f"has {key!r}, optimizer state for no parameter of this SAE")
+        shape = () if field == "step" else tuple(params[name].shape)
+        if not t.dtype.is_floating_point or tuple(t.shape) != shape:
+            bad(S, f"has {key!r} of {str(t.dtype).replace('torch.', '')} {tuple(t.shape)}, expected floating point {shape}")
+        fields.setdefault(name, set()).add(field)
+    for name, got in fields.items():
+        if got != {"step", "exp_avg", "exp_avg_sq"}: bad(S, f"has Adam state {sorted(got)} for {name!r}, not step, exp_avg and exp_avg_sq")
+    return sched
+
+# %% ../nbs/05_train.ipynb #8af1c2d6
 def train_sae(data, # an ActivationStore, a [N, d_in] tensor, or an iterable of [batch, d_in] tensors
               sae_or_cfg, # an `SAEConfig` (a new SAE, seeded with `train_cfg.seed`) or an `SAE` (trained in place)
               train_cfg: TrainConfig | None = None, # the run settings (None: `TrainConfig()`)
@@ -553,7 +687,7 @@ def train_sae(data, # an ActivationStore, a [N, d_in] tensor, or an iterable of 
     processes = _Processes(tc.device)
     return _train(data, sae_or_cfg, tc, processes)
 
-# %% ../nbs/05_train.ipynb #d8643301
+# %% ../nbs/05_train.ipynb #39d4b957
 def _train(data, # as for `train_sae`
            sae_or_cfg, # as for `train_sae`
            tc: TrainConfig, # validated settings
@@ -565,8 +699,11 @@ def _train(data, # as for `train_sae`
     P.main_first(lambda: _check_out_dir(tc))
     out = Path(tc.out_dir) if tc.out_dir is not None else None
     resume_folder = latest_checkpoint(out) if tc.resume else None
-    json_state = read_json(resume_folder / "trainer_state.json") if resume_folder is not None else None
-    sae = _build_sae(sae_or_cfg, tc, resume_folder)
+    json_state = tensors = None
+    if resume_folder is not None:
+        json_state = read_json(resume_folder / "trainer_state.json")
+        tensors = load_safetensors_checked(resume_folder / "trainer_state.safetensors")
+    sae, resume_weights = _build_sae(sae_or_cfg, tc, resume_folder)
     arch = sae.cfg.architecture
     if tc.resample_every is not None and arch != "standard":
         raise SaeNbError(f"resample_every is for standard SAEs; this one is {arch!r}" + (" (its AuxK loss revives dead features)" if arch in ARCHITECTURES_WITH_AUXK else "") + ": set resample_every=None.")
@@ -590,6 +727,10 @@ def _train(data, # as for `train_sae`
     step, tokens, resampled_since_log, elapsed_before = 0, 0, 0, 0.0
 
     if json_state is not None:
+        try: scheduler_state, problem = _check_trainer_state(resume_folder, json_state, tensors, sae, optimizer, scheduler, source, P), None
+        except SaeNbError as e: problem = e
+        if P.any_flags([problem is not None])[0]:  # every rank stops (a sharded data position is checked per rank)
+            raise problem or SaeNbError(f"Cannot resume from {resume_folder}: another rank found its checkpoint damaged (see that rank's error).")
         sharded_now = isinstance(source, _IterableBatches) and source.local
         if json_state.get("world_size", 1) != W:
             if sharded_now or json_state.get("data_sharded"):
@@ -598,26 +739,32 @@ def _train(data, # as for `train_sae`
         saved_tc = json_state.get("train_config", {})
         changed = [k for k in ("batch_size", "seed", "lr", "l1_coefficient", "adam_betas", "lr_warmup_steps", "dead_feature_window") if saved_tc.get(k) != tc.to_dict().get(k)]
         if changed and P.is_main: warnings.warn(f"Resuming with changed settings {changed}: the run will not match an uninterrupted one.")
-        tensors = load_safetensors_checked(resume_folder / "trainer_state.safetensors")
         step, tokens, elapsed_before = json_state["step"], json_state["tokens"], json_state.get("elapsed_s", 0.0)
         if step > T: raise SaeNbError(f"The checkpoint is at step {step}, past steps={T}: raise steps to continue training, or use the SAE in {resume_folder}.")
-        _load_optimizer(sae, optimizer, json_state["optimizer"]["param_groups"], tensors)
-        scheduler.load_state_dict(json_state["scheduler"])
+        data_states = json_state["data_state"]
+        try:  # all checked above; a failure here is a damage the checks did not foresee, reported the same way
+            source.load_state_dict(data_states[P.rank] if len(data_states) == W else data_states[0])
+            _load_optimizer(sae, optimizer, json_state["optimizer"]["param_groups"], tensors)
+            scheduler.load_state_dict(scheduler_state)
+        except SaeNbError: raise  # the data's own clear refusal (another store, other settings)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise _damaged_checkpoint(resume_folder, "trainer_state.json", f"cannot be restored ({type(e).__name__}: {e})") from e
+        sae.load_state_dict(resume_weights)
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and dev.type == "cuda": torch.cuda.set_rng_state(tensors["rng.cuda"], dev)
         _set_rng_state_json(json_state["rng"])
         resample_gen.set_state(tensors["rng.resample"])
         tokens_since_fired.copy_(tensors["tokens_since_fired"].to(dev))
         acc.copy_(tensors["metric_sums"].to(dev))
-        data_states = json_state["data_state"]
-        source.load_state_dict(data_states[P.rank] if len(data_states) == W else data_states[0])
         history = {k: list(json_state["history"].get(k, [])) for k in HISTORY_KEYS}
         resampled_since_log = json_state.get("resampled_since_log", 0)
-    elif tc.b_dec_init is not None:
+    else:  # a fresh run: no data is refused before anything is written; b_dec from the first batch
         first = source.next()
-        if first is None: raise SaeNbError("The data yielded no batch: check that it is not empty (or an exhausted iterator).")
-        sample = torch.cat(P.gather_objects(first.cpu())) if P.distributed else first
-        sae.init_b_dec_(sample.to(dev, dtype), method=tc.b_dec_init)
+        if P.any_flags([first is None])[0]:
+            raise SaeNbError("The data yielded no batch" + (" on some rank" if P.distributed else "") + ": check that it is not empty (or an exhausted iterator).")
+        if tc.b_dec_init is not None:
+            sample = torch.cat(P.gather_objects(first.cpu())) if P.distributed else first
+            sae.init_b_dec_(sample.to(dev, dtype), method=tc.b_dec_init)
         source.push_back(first)  # it is step 0's batch too
 
     model = _LossModule(sae)
@@ -625,6 +772,9 @@ def _train(data, # as for `train_sae`
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                                                     find_unused_parameters=False)
     window_mask = lambda: tokens_since_fired >= tc.dead_feature_window
+    # an upper bound on tokens_since_fired, kept on the CPU: while it is under the window no feature can be dead, so
+    # AuxK gets dead_mask=None (the same numbers as an all-False mask, without its work); refreshed at each log step
+    since_fired_bound = int(tokens_since_fired.max()) if json_state is not None else 0
     resample_at = set()
     if tc.resample_every is not None:
         resample_at = {s for s in range(tc.resample_every, int(tc.resample_until * T) + 1, tc.resample_every) if s < T}
@@ -683,6 +833,22 @@ def _train(data, # as for `train_sae`
             write_json_atomic(history, out / "history.json")
         P.barrier()
 
+    def interrupt(cause=None, # the KeyboardInterrupt raised while fetching a batch, if that is how it came
+                  consistent=True, # False: some rank took its batch for the next step, so no checkpoint is written
+                 ):
+        "Ctrl-C, signalled or raised: checkpoint the last completed step (unless on disk already), then raise KeyboardInterrupt."
+        nonlocal last_checkpoint_step
+        if out is not None and consistent and step > 0 and last_checkpoint_step != step:
+            sync_checks()
+            checkpoint()
+            last_checkpoint_step = step
+        msg = f"Training interrupted after step {step}"
+        if out is not None:
+            last = latest_checkpoint(out)
+            msg += (f"; checkpoint {last} written" if last is not None and last_checkpoint_step == step
+                    else f"; the last checkpoint is {last}" if last is not None else "; no checkpoint written")
+        raise KeyboardInterrupt(msg) from cause
+
     pbar = tqdm(total=T, initial=step, disable=not (tc.show_progress and P.is_main), desc=f"train {arch} SAE", unit="step", dynamic_ncols=True)
     if wandb is not None: wandb.init(project=tc.wandb_project, config={"train": tc.to_dict(), "sae": sae.cfg.to_dict()})
     t_start = time.perf_counter()
@@ -692,19 +858,25 @@ def _train(data, # as for `train_sae`
     try:
         with _StopRequest() as stop:
             while step < T:
-                batch = source.next()
+                fetch_interrupt = None
+                try: batch = source.next()
+                except KeyboardInterrupt as e:  # raised inside the data (a store, a DataLoader): no state changed for this step
+                    if stop.requested: raise  # a second Ctrl-C: out at once, without a checkpoint
+                    batch, fetch_interrupt = None, e
+                interrupted = fetch_interrupt is not None
                 bad_shape = batch is not None and not (isinstance(batch, torch.Tensor) and batch.ndim == 2 and batch.shape[1] == d_in)
-                no_data, stop_now, bad_shape = P.any_flags([batch is None, stop.requested, bad_shape])
+                no_data, stop_now, bad_shape, interrupted, fetched = P.any_flags([batch is None and not interrupted, stop.requested, bad_shape, interrupted, not interrupted])
                 if bad_shape:
                     got = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
                     raise SaeNbError(f"Step {step + 1}: the data gave a batch of {got} (on some rank); every batch must be [batch, {d_in}] for this SAE (d_in={d_in}).")
+                if interrupted: interrupt(fetch_interrupt, consistent=not fetched)
                 if no_data:
                     if P.is_main: warnings.warn(f"The data ran out after {step} of {T} steps; stopping there.")
                     break
                 x = batch.to(dev, dtype, non_blocking=True)
                 n_local = x.shape[0]
                 coef_now = tc.l1_coefficient * l1_factor(step, l1_warm)
-                dead_mask = window_mask() if arch in ARCHITECTURES_WITH_AUXK else None
+                dead_mask = window_mask() if arch in ARCHITECTURES_WITH_AUXK and since_fired_bound >= tc.dead_feature_window else None
                 out_ = model(x, coef_now, dead_mask)
                 loss = out_["loss"]
                 loss.backward()
@@ -731,6 +903,7 @@ def _train(data, # as for `train_sae`
                     del out_, loss, f, active
                 step += 1
                 tokens += global_tokens
+                since_fired_bound += global_tokens
                 pbar.update(1)
                 if step in resample_at:
                     sync_checks()
@@ -743,17 +916,17 @@ def _train(data, # as for `train_sae`
                 if step % tc.log_every == 0 or step == T:
                     sync_checks()
                     row = log_row(x, x_hat, lr_now, coef_now)
+                    since_fired_bound = int(tokens_since_fired.max())  # a sync point already
                     pbar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}", refresh=False)
                     if wandb is not None: wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
                     if out is not None and P.is_main: write_json_atomic(history, out / "history.json")
                 # single process: stop right after the step in flight; data parallel: at the flag exchange above
                 stop_now = stop_now or (stop.requested and not P.distributed)
-                if out is not None and (stop_now or step == T or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
+                if out is not None and (step == T or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
                     sync_checks()
                     checkpoint()
                     last_checkpoint_step = step
-                if stop_now:
-                    raise KeyboardInterrupt(f"Training interrupted after step {step}" + (f"; checkpoint {latest_checkpoint(out)} written" if out is not None else ""))
+                if stop_now: interrupt()
             sync_checks()
             if x is not None and history["step"][-1:] != [step]: log_row(x, x_hat, lr_now, coef_now)  # data ran out between logs
             if out is not None and last_checkpoint_step != step: checkpoint()

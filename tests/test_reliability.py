@@ -22,8 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.mlp.hook_post"  # glassllm-en: 341 wide
 CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
                  HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-XFAIL_TRAIN = "sae_nb/train.py (nbs/05_train) is being finished by another helper: defect reported to the lead"
-XFAIL_ACTS = "sae_nb/activations.py (nbs/03_activations) is being finished by another helper: defect reported to the lead"
 
 
 def make_data(n_rows=1024, d_in=16, n_features=64, seed=0):
@@ -152,8 +150,6 @@ def test_ctrl_c_signal_checkpoints_the_step_in_flight_and_resumes_exactly(tmp_pa
     assert_same_sae(resumed, ref)
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL_TRAIN + ": a KeyboardInterrupt raised (not signalled) while fetching a "
-                   "batch escapes train_sae without a checkpoint, losing the steps since the last periodic one")
 def test_keyboardinterrupt_from_the_data_iterator_checkpoints_the_last_completed_step(tmp_path):
     ref, out, data, cfg, kw = _interrupt_then_resume(tmp_path, "raise")
     assert latest_checkpoint(out).name == "step_7"  # 7 steps completed before batch 8 was asked for
@@ -319,8 +315,6 @@ def test_crash_at_every_rename_of_plain_files_leaves_old_or_new(monkeypatch, tmp
                      check_files, 1)
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL_TRAIN + ": train._save_sae_folder renames out/sae away before renaming "
-                   "the new folder in; a kill between the two leaves no out/sae at all")
 def test_crash_at_every_rename_of_the_final_sae_folder_leaves_old_or_new(monkeypatch, tmp_path):
     crash_everywhere(monkeypatch, tmp_path, lambda r: train_module._save_sae_folder(V[0]["sae"], r / "sae"),
                      lambda r: train_module._save_sae_folder(V[1]["sae"], r / "sae"), lambda r: check_sae_folder(r / "sae"), 1)
@@ -851,24 +845,20 @@ def _state_tensor(name, value):
     return edit
 
 
-XFAIL_CKPT = pytest.mark.xfail(strict=True, reason=XFAIL_TRAIN + ": train._train reads trainer_state.json/.safetensors "
-                               "fields unchecked on resume (KeyError/TypeError/ValueError/RuntimeError)")
-
-
 @pytest.mark.parametrize("corrupt", [
     pytest.param(lambda ck: (ck / "trainer_state.json").write_text("{torn"), id="json-torn"),
     pytest.param(lambda ck: (ck / "trainer_state.safetensors").write_bytes(b"\x00" * 30), id="tensors-garbage"),
     pytest.param(lambda ck: (ck / SAE_WEIGHTS_FILENAME).write_bytes(b""), id="sae-weights-empty"),
     pytest.param(lambda ck: (ck.parent / "latest").write_text("step_99\n"), id="latest-dangling"),
-    pytest.param(_state_edit(step=KeyError), id="no-step", marks=XFAIL_CKPT),
-    pytest.param(_state_edit(step="eight"), id="step-str", marks=XFAIL_CKPT),
-    pytest.param(_state_edit(optimizer=KeyError), id="no-optimizer", marks=XFAIL_CKPT),
-    pytest.param(_state_edit(rng={"python": [1, [], None], "numpy": []}), id="rng-bad", marks=XFAIL_CKPT),
-    pytest.param(_state_edit(data_state=[{"kind": "tensor"}]), id="data-state-bad", marks=XFAIL_CKPT),
-    pytest.param(lambda ck: (ck / "trainer_state.json").write_text("[]"), id="json-list", marks=XFAIL_CKPT),
-    pytest.param(_state_tensor("rng.torch", KeyError), id="no-rng-tensor", marks=XFAIL_CKPT),
-    pytest.param(_state_tensor("optimizer.W_enc.exp_avg", torch.zeros(3)), id="adam-shape", marks=XFAIL_CKPT),
-    pytest.param(_state_tensor("tokens_since_fired", torch.zeros(3, dtype=torch.int64)), id="counter-shape", marks=XFAIL_CKPT),
+    pytest.param(_state_edit(step=KeyError), id="no-step"),
+    pytest.param(_state_edit(step="eight"), id="step-str"),
+    pytest.param(_state_edit(optimizer=KeyError), id="no-optimizer"),
+    pytest.param(_state_edit(rng={"python": [1, [], None], "numpy": []}), id="rng-bad"),
+    pytest.param(_state_edit(data_state=[{"kind": "tensor"}]), id="data-state-bad"),
+    pytest.param(lambda ck: (ck / "trainer_state.json").write_text("[]"), id="json-list"),
+    pytest.param(_state_tensor("rng.torch", KeyError), id="no-rng-tensor"),
+    pytest.param(_state_tensor("optimizer.W_enc.exp_avg", torch.zeros(3)), id="adam-shape"),
+    pytest.param(_state_tensor("tokens_since_fired", torch.zeros(3, dtype=torch.int64)), id="counter-shape"),
 ])
 def test_resuming_from_a_corrupt_checkpoint_raises_one_clear_error(tmp_path, run_folder, corrupt):
     out = tmp_path / "run"
@@ -932,8 +922,6 @@ def test_empty_corpora_and_empty_data(glass):
     with pytest.raises(SaeNbError, match="yielded no batch"): train_sae([], cfg, tiny_train_cfg())
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL_TRAIN + ": with b_dec_init=None, train_sae on empty data only warns "
-                   "'The data ran out after 0 of N steps' and saves an untrained SAE")
 @pytest.mark.filterwarnings("ignore:The data ran out")
 def test_empty_data_without_b_dec_init_is_refused(tmp_path):
     with pytest.raises(SaeNbError):
