@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'ActivationStore']
 
-# %% ../nbs/03_activations.ipynb #77f2a902
+# %% ../nbs/03_activations.ipynb #672ffeea
 import os
 import shutil
 import tempfile
@@ -13,18 +13,18 @@ import time
 import warnings
 from pathlib import Path
 
-# %% ../nbs/03_activations.ipynb #98fce944
+# %% ../nbs/03_activations.ipynb #8b62d2e5
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-# %% ../nbs/03_activations.ipynb #d5c96b87
+# %% ../nbs/03_activations.ipynb #427c679e
 import sae_nb
 from .config import SaeNbError, get_device, read_json, save_safetensors_atomic, write_json_atomic
 from .data import corpus_fingerprint
 from .models import check_hook_name
 
-# %% ../nbs/03_activations.ipynb #e706df52
+# %% ../nbs/03_activations.ipynb #251de270
 class _StopForward(Exception):
     "Raised by the store's hook to end the forward pass once the activation it needs is in hand."
 
@@ -40,7 +40,7 @@ def _dist_rank_world(rank, world_size) -> tuple[int, int]:
         raise SaeNbError(f"rank={rank!r}, world_size={world_size!r}: need integers with 0 <= rank < world_size.")
     return rank, world_size
 
-# %% ../nbs/03_activations.ipynb #55868730
+# %% ../nbs/03_activations.ipynb #bcd849cf
 class _ModelSource:
     "Activation rows of one hook for token windows, computed by running the model up to the hook."
     def __init__(self, model, tokens, hook_name, exclude_bos, model_batch_size):
@@ -89,13 +89,13 @@ class _ModelSource:
                  for i in range(0, len(windows), self.model_batch_size)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-# %% ../nbs/03_activations.ipynb #681c6868
+# %% ../nbs/03_activations.ipynb #097ea639
 def _refill_generator(seed: int, rank: int, refill: int) -> torch.Generator:
     "A CPU generator for the shuffle of refill number `refill`, seeded from `(seed, rank, refill)`."
     state = np.random.SeedSequence([seed, rank, refill]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
-# %% ../nbs/03_activations.ipynb #41ab8403
+# %% ../nbs/03_activations.ipynb #e95092b4
 def _method_of(cls, name: str):
     "Decorator: attach the function to `cls` as method `name` (a class split over notebook cells, kept out of `__all__`)."
     def attach(f):
@@ -104,7 +104,7 @@ def _method_of(cls, name: str):
         return f
     return attach
 
-# %% ../nbs/03_activations.ipynb #53c3ba71
+# %% ../nbs/03_activations.ipynb #b3f83ea9
 _STATE_KEYS = ("n_windows", "rows_per_window", "batch_size", "buffer_size", "shuffle", "loop", "seed", "rank",
                "world_size", "hook_name")
 
@@ -219,7 +219,7 @@ class ActivationStore:
         if batch is None: raise StopIteration
         return batch
 
-# %% ../nbs/03_activations.ipynb #50bb10e0
+# %% ../nbs/03_activations.ipynb #d0c0970d
 @_method_of(ActivationStore, "reset")
 def _reset(self: ActivationStore):
     "Go back to the first window with an empty buffer."
@@ -302,7 +302,7 @@ def _step(self: ActivationStore, compute: bool = True):
     self._rows_yielded += len(take)
     return self._buffer[take.to(self.device)] if compute else take
 
-# %% ../nbs/03_activations.ipynb #469240bb
+# %% ../nbs/03_activations.ipynb #13a61da4
 @_method_of(ActivationStore, "state_dict")
 def _state_dict(self: ActivationStore) -> dict:
     "Where the store is in its stream, as a small JSON-serialisable dict for `load_state_dict`."
@@ -346,7 +346,7 @@ def _fill_waiting_rows(self: ActivationStore):
         sel = (k // G) == g
         self._buffer[slots[sel].to(self.device)] = self._group_rows(g)[(k[sel] - g * G).to(self.device), pos[sel].to(self.device)]
 
-# %% ../nbs/03_activations.ipynb #88bb10e9
+# %% ../nbs/03_activations.ipynb #98f569b8
 CACHE_FORMAT = "sae_nb.activation_cache"
 
 def _shard_name(i: int) -> str: return f"shard_{i:05d}.safetensors"
@@ -356,7 +356,7 @@ def _is_cache_file(name: str) -> bool:
     return (name == "metadata.json" or (name.startswith("shard_") and name.endswith(".safetensors"))
             or (name.startswith(".") and name.endswith(".tmp")))
 
-# %% ../nbs/03_activations.ipynb #545b1f20
+# %% ../nbs/03_activations.ipynb #4b194979
 def _aside_path(folder: Path) -> Path:
     "Where `_replace_folder` moves an existing `folder` while the new one is renamed in (a hidden sibling)."
     return folder.with_name(f".{folder.name}.old")
@@ -378,7 +378,7 @@ def _live_folder(folder: Path) -> Path:
     aside = _aside_path(folder)
     return aside if not folder.exists() and aside.is_dir() else folder
 
-# %% ../nbs/03_activations.ipynb #8c26b2ed
+# %% ../nbs/03_activations.ipynb #f26d4162
 @_method_of(ActivationStore, "save_cache")
 def _save_cache(self: ActivationStore,
                folder: str | Path, # the cache folder (created; replaced as a whole with `overwrite=True`)
@@ -442,7 +442,7 @@ def _save_cache(self: ActivationStore,
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
-# %% ../nbs/03_activations.ipynb #362528f7
+# %% ../nbs/03_activations.ipynb #dfb1585c
 class _CacheSource:
     "Activation rows read from a cache folder's shards, a few rows at a time."
     def __init__(self, folder: Path, meta: dict):
@@ -481,7 +481,7 @@ class _CacheSource:
             i = j
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(len(w), rpw, self.d_in)
 
-# %% ../nbs/03_activations.ipynb #ab69f7b1
+# %% ../nbs/03_activations.ipynb #38c2af30
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors header -> metadata
 _CACHE_FIELDS = {"model_name": (str, type(None)), "hook_name": str, "d_in": int, "context_size": int,
                  "rows_per_window": int, "exclude_bos": bool, "dtype": str, "n_windows": int, "n_tokens": int,

@@ -6,7 +6,7 @@
 __all__ = ['SaeNbError', 'in_test', 'get_device', 'seed_everything', 'atomic_path', 'write_json_atomic', 'read_json',
            'save_safetensors_atomic', 'load_safetensors_checked']
 
-# %% ../nbs/00_config.ipynb #0f62e39f
+# %% ../nbs/00_config.ipynb #34d04f92
 import contextlib
 import json
 import os
@@ -14,20 +14,20 @@ import random
 import tempfile
 from pathlib import Path
 
-# %% ../nbs/00_config.ipynb #3068fbaa
+# %% ../nbs/00_config.ipynb #3c3bff3b
 import numpy as np
 import torch
 
-# %% ../nbs/00_config.ipynb #89f43abf
+# %% ../nbs/00_config.ipynb #951e9b2d
 class SaeNbError(ValueError):
     "An error caused by the user's input or files, with a message that says how to fix it."
 
-# %% ../nbs/00_config.ipynb #d80e56ab
+# %% ../nbs/00_config.ipynb #bbbf88c0
 def in_test() -> bool:
     "True when running under `nbdev_test` (the `IN_TEST` environment variable is set)."
     return bool(os.environ.get("IN_TEST"))
 
-# %% ../nbs/00_config.ipynb #14d66ab8
+# %% ../nbs/00_config.ipynb #fc3f2897
 def get_device(device: str | torch.device | None = None, # `None` picks cuda > mps > cpu; else a torch device string
               ) -> torch.device:
     "The torch device to use, checked to exist on this machine."
@@ -50,7 +50,7 @@ def get_device(device: str | torch.device | None = None, # `None` picks cuda > m
         raise SaeNbError(f"Device {device!r} is not supported: use 'cpu', 'cuda', 'cuda:N' or 'mps'.")
     return dev
 
-# %% ../nbs/00_config.ipynb #1a3203d0
+# %% ../nbs/00_config.ipynb #58a83fff
 def seed_everything(seed: int, # the seed for python's `random`, numpy and torch
                    ) -> torch.Generator:
     "Seed every random number generator we use; returns a CPU `torch.Generator` seeded the same way."
@@ -59,7 +59,7 @@ def seed_everything(seed: int, # the seed for python's `random`, numpy and torch
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 
-# %% ../nbs/00_config.ipynb #c2ed00e0
+# %% ../nbs/00_config.ipynb #31b5e18e
 @contextlib.contextmanager
 def atomic_path(path: str | Path, # the final file name
                ):
@@ -78,7 +78,7 @@ def atomic_path(path: str | Path, # the final file name
         with contextlib.suppress(FileNotFoundError): os.remove(tmp)
         raise
 
-# %% ../nbs/00_config.ipynb #1065ca9d
+# %% ../nbs/00_config.ipynb #6c7f2cc5
 def write_json_atomic(obj, # anything `json.dumps` accepts
                       path: str | Path, # the final file name
                      ) -> Path:
@@ -86,7 +86,7 @@ def write_json_atomic(obj, # anything `json.dumps` accepts
     with atomic_path(path) as tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     return Path(path)
 
-# %% ../nbs/00_config.ipynb #f7b50b7e
+# %% ../nbs/00_config.ipynb #6583937e
 def read_json(path: str | Path, # a JSON file
              ) -> dict:
     "Read a JSON file, raising `SaeNbError` naming the file if it is missing or not valid JSON."
@@ -95,7 +95,7 @@ def read_json(path: str | Path, # a JSON file
     except FileNotFoundError as e: raise SaeNbError(f"{path}: file not found.") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise SaeNbError(f"{path}: not valid JSON ({e}).") from e
 
-# %% ../nbs/00_config.ipynb #4ea07b6b
+# %% ../nbs/00_config.ipynb #593d869a
 def save_safetensors_atomic(tensors: dict, # name -> tensor
                             path: str | Path, # the final `.safetensors` file
                             metadata: dict | None = None, # string -> string metadata stored in the header
@@ -106,7 +106,7 @@ def save_safetensors_atomic(tensors: dict, # name -> tensor
     with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)
 
-# %% ../nbs/00_config.ipynb #557102f5
+# %% ../nbs/00_config.ipynb #e794dc0a
 def load_safetensors_checked(path: str | Path, # a `.safetensors` file
                             ) -> dict:
     "Load all tensors of a safetensors file to the CPU, raising `SaeNbError` naming the file when it is unreadable."

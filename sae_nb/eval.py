@@ -6,31 +6,31 @@
 __all__ = ['bos_token_id', 'counted_positions', 'splice_sae_hook', 'run_with_sae', 'mean_hook_activation', 'evaluate',
            'evaluation_row', 'compare_top_tokens', 'roundtrip', 'roundtrip_reference']
 
-# %% ../nbs/06_eval.ipynb #797ee741
+# %% ../nbs/06_eval.ipynb #18383ce1
 import contextlib
 import math
 import re
 from typing import Callable
 
-# %% ../nbs/06_eval.ipynb #d8751e66
+# %% ../nbs/06_eval.ipynb #f7ce5011
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-# %% ../nbs/06_eval.ipynb #b96ff1ed
+# %% ../nbs/06_eval.ipynb #27f218f2
 from .config import SaeNbError, in_test
 from .models import check_hook_name
 
-# %% ../nbs/06_eval.ipynb #319f3912
+# %% ../nbs/06_eval.ipynb #7516a8d4
 def bos_token_id(model: HookedTransformer, # the model whose tokenizer defines BOS
                 ) -> int | None:
     "The model's BOS token id, or `None` when it has no tokenizer or no BOS token."
     tokenizer = getattr(model, "tokenizer", None)
     return getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
 
-# %% ../nbs/06_eval.ipynb #ec774da8
+# %% ../nbs/06_eval.ipynb #b632e32e
 def counted_positions(tokens: torch.Tensor, # [batch, pos] token ids
                       bos_id: int | None, # the BOS token id (`None`: the model has none)
                       exclude_bos: bool = True, # leave out positions holding the BOS token
@@ -39,7 +39,7 @@ def counted_positions(tokens: torch.Tensor, # [batch, pos] token ids
     if not exclude_bos or bos_id is None: return torch.ones_like(tokens, dtype=torch.bool)
     return tokens != bos_id
 
-# %% ../nbs/06_eval.ipynb #15b2591f
+# %% ../nbs/06_eval.ipynb #ec80c855
 def _sae_param(sae):
     "A parameter of the SAE, for its device and dtype."
     return next(sae.parameters())
@@ -75,7 +75,7 @@ def _no_padding_kwargs(model: HookedTransformer, batch: torch.Tensor) -> dict:
     left = tokenizer is not None and getattr(tokenizer, "padding_side", "right") == "left"
     return dict(attention_mask=torch.ones_like(batch)) if left else {}
 
-# %% ../nbs/06_eval.ipynb #6c8266f6
+# %% ../nbs/06_eval.ipynb #f60ac316
 def splice_sae_hook(sae: torch.nn.Module, # the SAE (encode/decode, cfg.d_in)
                     keep_error_term: bool = False, # add back the detached error x - x_hat, so without edits the output is x
                     position_mask: torch.Tensor | None = None, # [batch, pos] bool: replace only where True (None: everywhere)
@@ -95,7 +95,7 @@ def splice_sae_hook(sae: torch.nn.Module, # the SAE (encode/decode, cfg.d_in)
         return out
     return hook_fn
 
-# %% ../nbs/06_eval.ipynb #679c3e5b
+# %% ../nbs/06_eval.ipynb #e8496807
 def _as_token_batch(model: HookedTransformer, text_or_tokens) -> torch.Tensor:
     "A [batch, pos] token tensor on the model's device from a string, a list of strings or a token tensor."
     if isinstance(text_or_tokens, (str, list)): tokens = model.to_tokens(text_or_tokens)
@@ -109,7 +109,7 @@ def _as_token_batch(model: HookedTransformer, text_or_tokens) -> torch.Tensor:
                          "`model.to_tokens(text)`.")
     return tokens.to(model.cfg.device)
 
-# %% ../nbs/06_eval.ipynb #a05f0120
+# %% ../nbs/06_eval.ipynb #0f023136
 def run_with_sae(model: HookedTransformer, # the model the SAE was trained on
                  sae: torch.nn.Module, # the SAE to splice in
                  tokens, # text, list of texts, or token ids [batch, pos] / [pos]
@@ -125,7 +125,7 @@ def run_with_sae(model: HookedTransformer, # the model the SAE was trained on
     hook_fn = splice_sae_hook(sae, keep_error_term, position_mask=mask, edit_features=edit_features)
     return model.run_with_hooks(tokens, fwd_hooks=[(hook_name, hook_fn)])
 
-# %% ../nbs/06_eval.ipynb #63f84213
+# %% ../nbs/06_eval.ipynb #0f5d0693
 def _stop_layer(model: HookedTransformer, hook_name: str) -> int | None:
     "The `stop_at_layer` that still runs `hook_name` (None: the full model)."
     block = check_hook_name(model, hook_name)
@@ -153,7 +153,7 @@ def mean_hook_activation(model: HookedTransformer, # the model
     if n == 0: raise SaeNbError("No counted positions (every token is BOS?): pass longer windows or exclude_bos=False.")
     return (total / n).to(act.dtype)
 
-# %% ../nbs/06_eval.ipynb #60912dd3
+# %% ../nbs/06_eval.ipynb #edbc1290
 def _eval_tokens(source, max_tokens: int | None) -> torch.Tensor:
     "The [n_windows, pos] eval tokens of a token tensor or of an ActivationStore-like object with `.tokens`."
     tokens = source if isinstance(source, torch.Tensor) else getattr(source, "tokens", None)
@@ -183,7 +183,7 @@ def _replace_at(mask: torch.Tensor, replacement: torch.Tensor) -> Callable:
     def hook_fn(act, hook): return torch.where(_broadcast_mask(mask, act), replacement.to(act.dtype), act)
     return hook_fn
 
-# %% ../nbs/06_eval.ipynb #5caaa2a3
+# %% ../nbs/06_eval.ipynb #6806595f
 class _Sums:
     "Float64 running sums of every metric of `evaluate`."
     def __init__(self, d_sae, shift):
@@ -210,7 +210,7 @@ def _ce_sum(logits, targets, loss_mask):
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
     return ce[loss_mask.flatten()].double().sum().item()
 
-# %% ../nbs/06_eval.ipynb #f5c1eeb9
+# %% ../nbs/06_eval.ipynb #6ed20305
 @torch.inference_mode()
 def evaluate(model: HookedTransformer, # the model the SAE was trained on
              sae: torch.nn.Module, # the SAE (encode/decode, W_dec, cfg.d_in/d_sae)
@@ -291,7 +291,7 @@ def _finish(sums: _Sums, d_sae: int) -> dict:
                 kl=sums.kl / n, top1_agreement=sums.top1 / n, top5_overlap=sums.top5 / n,
                 n_tokens=n, n_loss_tokens=sums.n_loss)
 
-# %% ../nbs/06_eval.ipynb #5c7e672e
+# %% ../nbs/06_eval.ipynb #ec61503f
 def evaluation_row(result: dict, # the dict `evaluate` returns
                    **labels, # extra columns, e.g. name="l1=3e-3"
                   ) -> pd.DataFrame:
@@ -299,7 +299,7 @@ def evaluation_row(result: dict, # the dict `evaluate` returns
     scalars = {k: v for k, v in result.items() if not isinstance(v, torch.Tensor)}
     return pd.DataFrame([{**labels, **scalars}])
 
-# %% ../nbs/06_eval.ipynb #7daf085f
+# %% ../nbs/06_eval.ipynb #fc8a8287
 @torch.inference_mode()
 def compare_top_tokens(model: HookedTransformer, # the model
                        sae: torch.nn.Module, # the SAE to splice in
@@ -335,7 +335,7 @@ def compare_top_tokens(model: HookedTransformer, # the model
                          top1_match=top_clean[pos][0] == top_sae[pos][0]))
     return pd.DataFrame(rows)
 
-# %% ../nbs/06_eval.ipynb #f51b57c3
+# %% ../nbs/06_eval.ipynb #74e6c5e3
 def _decode_is_affine(sae, scale: float) -> bool:
     "Whether decode(scale * e_i) == scale * W_dec[i] + b_dec for the first and last feature."
     d_sae = sae.W_dec.shape[0]
@@ -380,7 +380,7 @@ def _roundtrip_result(r_self, r_max, r_mean, r_mean_square, argmax) -> dict:
     return dict(max_ratio=r_self / r_max, mean_ratio=r_self / r_mean, square_ratio=r_self.square() / r_mean_square,
                 self_recovered=(r_self == r_max) & (r_self > 0), self_activation=r_self, argmax=argmax)
 
-# %% ../nbs/06_eval.ipynb #a1e4a23a
+# %% ../nbs/06_eval.ipynb #2400a559
 @torch.inference_mode()
 def roundtrip_reference(sae: torch.nn.Module, # the SAE
                         scale: float = 1.0, # c: the one-hot's value

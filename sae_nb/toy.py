@@ -11,7 +11,7 @@ __all__ = ['STICKY_FRACTIONS', 'MAGNITUDES', 'FREQUENCIES', 'DEFAULT_SPARSITY_CO
            'generate_ground_truth', 'feature_recovery', 'sae_activation_stats', 'train_on_ground_truth',
            'recovery_benchmark', 'plot_max_cos', 'recovery_sweep', 'plot_recovery_vs_l0']
 
-# %% ../nbs/09_superposition.ipynb #aae0012c
+# %% ../nbs/09_superposition.ipynb #0e5b2abb
 import contextlib
 import dataclasses
 import math
@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
-# %% ../nbs/09_superposition.ipynb #81adeb12
+# %% ../nbs/09_superposition.ipynb #008174d0
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
@@ -32,7 +32,7 @@ from .config import SaeNbError, in_test, get_device, seed_everything
 from .sae import ARCHITECTURES, SAE, SAEConfig
 from .train import TrainConfig, train_sae
 
-# %% ../nbs/09_superposition.ipynb #e75af16b
+# %% ../nbs/09_superposition.ipynb #1d6772d5
 @dataclass
 class ToyModelConfig:
     "Shape, data sparsity and feature importance of a batch of toy models of superposition (one per instance)."
@@ -70,7 +70,7 @@ class ToyModelConfig:
         "Importance of each feature, `[n_features]`: `importance_decay ** i`."
         return self.importance_decay ** torch.arange(self.n_features, dtype=torch.float32)
 
-# %% ../nbs/09_superposition.ipynb #3b729133
+# %% ../nbs/09_superposition.ipynb #d098b6f8
 def generate_toy_batch(cfg: ToyModelConfig, # shapes and per-instance feature probabilities
                        batch_size: int, # samples per instance
                        generator: torch.Generator | None = None, # random source (a CPU generator); None: torch's global one
@@ -81,7 +81,7 @@ def generate_toy_batch(cfg: ToyModelConfig, # shapes and per-instance feature pr
     p = cfg.probabilities()[:, None]
     return torch.where(u < p, u / p, torch.zeros(())).to(device)
 
-# %% ../nbs/09_superposition.ipynb #bd9b970a
+# %% ../nbs/09_superposition.ipynb #ac8e1797
 class ToyModel(nn.Module):
     "A batch of toy models of superposition: `h = W x`, `x' = ReLU(W^T h + b)`, one `W`, `b` per instance."
     def __init__(self, cfg: ToyModelConfig, # shapes, per-instance feature probabilities and importance
@@ -110,7 +110,7 @@ class ToyModel(nn.Module):
         "Importance-weighted MSE of each instance, `[n_instances]`: mean over batch and features of I_i (x_i - x'_i)^2."
         return (self.importance * (x - self(x)) ** 2).mean(dim=(0, 2))
 
-# %% ../nbs/09_superposition.ipynb #96d9e000
+# %% ../nbs/09_superposition.ipynb #b8b1a1b4
 @contextlib.contextmanager
 def torch_cpu_threads(n: int | None, # torch intra-op CPU threads inside the block; None: leave unchanged
                      ):
@@ -121,7 +121,7 @@ def torch_cpu_threads(n: int | None, # torch intra-op CPU threads inside the blo
     try: yield
     finally: torch.set_num_threads(old)
 
-# %% ../nbs/09_superposition.ipynb #bf019a01
+# %% ../nbs/09_superposition.ipynb #b72b1d97
 def train_toy_model(cfg: ToyModelConfig, # shapes, sparsity levels and importance
                     steps: int = 3000, # optimiser steps
                     lr: float = 5e-3, # Adam's peak learning rate (cosine decay to 0)
@@ -151,7 +151,7 @@ def _train_toy_model(cfg, steps, lr, seed, batch_size, device):
     model.losses = losses
     return model.eval()
 
-# %% ../nbs/09_superposition.ipynb #6c638441
+# %% ../nbs/09_superposition.ipynb #545e2d4f
 def _toy_weights(W) -> tuple[torch.Tensor, bool]:
     "`W` as a float tensor `[n_instances, d_hidden, n_features]`, and whether the input was a single instance."
     if isinstance(W, ToyModel): W = W.W
@@ -196,7 +196,7 @@ def dimensions_per_feature(W, # a ToyModel, or weights [n_instances, d_hidden, n
     out = W.shape[1] / (W ** 2).sum(dim=(1, 2))
     return out[0] if single else out
 
-# %% ../nbs/09_superposition.ipynb #aad0fc38
+# %% ../nbs/09_superposition.ipynb #d8450fcf
 def _instance_title(p: float) -> str: return f"p={p:.3g} (1/(1-S)={1 / p:.3g})"
 
 def _instances(model: ToyModel, instances) -> list[int]:
@@ -229,7 +229,7 @@ def plot_toy_wtw(model: ToyModel, # a trained toy model
                       title="W^T W per sparsity level", height=260 * rows + 80, width=240 * cols + 120)
     return fig
 
-# %% ../nbs/09_superposition.ipynb #73e7ceed
+# %% ../nbs/09_superposition.ipynb #1a21df29
 def plot_toy_feature_norms(model: ToyModel, # a trained toy model
                            instances: Sequence[int] | None = None, # which instances to draw; None: all
                           ) -> go.Figure:
@@ -253,7 +253,7 @@ def plot_toy_feature_norms(model: ToyModel, # a trained toy model
                       height=420, width=170 * len(idx) + 160)
     return fig
 
-# %% ../nbs/09_superposition.ipynb #a1b4e9f7
+# %% ../nbs/09_superposition.ipynb #32460041
 STICKY_FRACTIONS = {1.0: "1: own dimension", 3 / 4: "3/4: tetrahedron", 2 / 3: "2/3: triangle",
                     1 / 2: "1/2: antipodal pair", 2 / 5: "2/5: pentagon", 3 / 8: "3/8: square antiprism"}
 
@@ -281,7 +281,7 @@ def plot_dimensions_per_feature(model: ToyModel, # a trained toy model, ideally 
                       height=450, width=800)
     return fig
 
-# %% ../nbs/09_superposition.ipynb #c0105a6a
+# %% ../nbs/09_superposition.ipynb #c3debf0b
 def _toy_instance_figure(model: ToyModel, i: int) -> go.Figure:
     "One instance's `W^T W` heatmap (left) and feature-norm bars coloured by superposition (right)."
     fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.12,
@@ -329,7 +329,7 @@ def toy_superposition_widget(model: ToyModel, # a trained toy model
     "A slider over the model's sparsity levels that redraws that instance's `W^T W` and feature norms."
     return ToySuperpositionWidget(model, instance)
 
-# %% ../nbs/09_superposition.ipynb #2280ea37
+# %% ../nbs/09_superposition.ipynb #b6627d34
 MAGNITUDES = ("uniform", "exponential", "constant")
 FREQUENCIES = ("uniform", "zipf")
 
@@ -360,7 +360,7 @@ class SyntheticFeatureConfig:
         if self.group_boost < 1: bad("group_boost", "use a number >= 1 (1: a group is on only when needed, strongest correlation)")
         if self.noise_std < 0: bad("noise_std", "use a number >= 0")
 
-# %% ../nbs/09_superposition.ipynb #7b6889cb
+# %% ../nbs/09_superposition.ipynb #4130986d
 def feature_frequencies(cfg: SyntheticFeatureConfig, # the benchmark settings
                        ) -> torch.Tensor:
     "Each true feature's firing probability `p_i`, `[n_features]` (float64), summing to `mean_active`."
@@ -374,7 +374,7 @@ def feature_frequencies(cfg: SyntheticFeatureConfig, # the benchmark settings
         else: hi = c
     return (hi * w).clamp(max=1)
 
-# %% ../nbs/09_superposition.ipynb #3fa4ee83
+# %% ../nbs/09_superposition.ipynb #a4155db9
 class GroundTruth(NamedTuple):
     "Samples, the planted features and the coefficients that made them."
     acts: torch.Tensor  # [n_samples, d] activations x = c @ true_features + noise
@@ -432,7 +432,7 @@ def generate_ground_truth(cfg: SyntheticFeatureConfig, # the benchmark settings
                                            (n_samples, cfg.n_features), check_invariants=True).coalesce()
     return GroundTruth(acts, F, coefficients)
 
-# %% ../nbs/09_superposition.ipynb #a52b48f5
+# %% ../nbs/09_superposition.ipynb #a2f962b2
 def feature_recovery(true_features: torch.Tensor, # [n_features, d] planted directions
                      W_dec: torch.Tensor, # [d_sae, d] learned decoder rows
                      alive: torch.Tensor | None = None, # bool [d_sae]: learned features that fire; None: all non-zero rows
@@ -460,7 +460,7 @@ def feature_recovery(true_features: torch.Tensor, # [n_features, d] planted dire
                 n_dead=int(W.shape[0] - n_kept), max_cos=true_max.float(),
                 learned_max_cos=torch.full((W.shape[0],), float("nan")).index_put_((keep.nonzero()[:, 0],), learned_max.float()))
 
-# %% ../nbs/09_superposition.ipynb #287a4e7a
+# %% ../nbs/09_superposition.ipynb #d54066f2
 @torch.no_grad()
 def sae_activation_stats(sae: SAE, # a trained SAE
                          acts: torch.Tensor, # [n, d_in] evaluation activations
@@ -487,7 +487,7 @@ def sae_activation_stats(sae: SAE, # a trained SAE
     n = acts.shape[0]
     return dict(l0=l0 / n, explained_variance=1 - sse / max(sst, 1e-30), alive=(fired > 0).cpu(), density=(fired / n).float().cpu())
 
-# %% ../nbs/09_superposition.ipynb #542eef88
+# %% ../nbs/09_superposition.ipynb #82ff8802
 def train_on_ground_truth(gt: GroundTruth, # training samples and planted features (from `generate_ground_truth`)
                           sae_cfg: SAEConfig, # the SAE to train (d_in must equal the samples' d)
                           train_cfg: TrainConfig, # train_sae settings
@@ -509,7 +509,7 @@ def train_on_ground_truth(gt: GroundTruth, # training samples and planted featur
                train_seconds=seconds, max_cos=rec["max_cos"])
     return sae, row
 
-# %% ../nbs/09_superposition.ipynb #4eb7d84e
+# %% ../nbs/09_superposition.ipynb #d535cf65
 DEFAULT_SPARSITY_COEFFICIENTS = {"standard": 0.3, "jumprelu": 0.03}  # L1 / L0 weights tuned on the 512-in-128 benchmark
 TABLE_COLUMNS = ["architecture", "k", "l1_coefficient", "mmcs", "recovered_frac", "unmatched_learned_frac", "dead_frac",
                  "l0", "explained_variance", "train_seconds"]
@@ -542,7 +542,7 @@ def recovery_benchmark(gt: GroundTruth, # training samples and planted features 
     table = pd.DataFrame([{c: row[c] for c in TABLE_COLUMNS} for _, row in details.values()])
     return table, details
 
-# %% ../nbs/09_superposition.ipynb #c312aeb8
+# %% ../nbs/09_superposition.ipynb #3a297afe
 def plot_max_cos(max_cos: dict, # label -> [n_features] best cosine per true feature (e.g. row["max_cos"])
                  threshold: float = 0.9, # the "recovered" line
                 ) -> go.Figure:
@@ -557,7 +557,7 @@ def plot_max_cos(max_cos: dict, # label -> [n_features] best cosine per true fea
                       yaxis_range=[0, 1.02])
     return fig
 
-# %% ../nbs/09_superposition.ipynb #95b0031c
+# %% ../nbs/09_superposition.ipynb #7ce2e19c
 def recovery_sweep(gt: GroundTruth, # training samples and planted features
                    architecture: str, # one sae_nb architecture
                    values: Sequence[float], # k (topk / batchtopk) or sparsity coefficient (standard / jumprelu) per run
@@ -576,7 +576,7 @@ def recovery_sweep(gt: GroundTruth, # training samples and planted features
         for sae_cfg, tc in configs: rows.append(train_on_ground_truth(gt, sae_cfg, tc, eval_acts)[1])
     return pd.DataFrame([{c: row[c] for c in TABLE_COLUMNS} for row in rows])
 
-# %% ../nbs/09_superposition.ipynb #0f143042
+# %% ../nbs/09_superposition.ipynb #c6dd14ef
 def plot_recovery_vs_l0(table: pd.DataFrame, # rows with architecture, l0, mmcs, recovered_frac (from recovery_sweep / recovery_benchmark)
                         true_l0: float | None = None, # the true mean number of active features, drawn as a line
                        ) -> go.Figure:

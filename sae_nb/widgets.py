@@ -6,10 +6,10 @@
 __all__ = ['FeatureActivationIndex', 'snippets_html', 'FeatureExplorer', 'steering_hook', 'steered_next_token_probs',
            'probability_changes', 'plot_steering', 'SteeringWidget']
 
-# %% ../nbs/08_widgets.ipynb #69e048c0
+# %% ../nbs/08_widgets.ipynb #2f1446e8
 import html
 
-# %% ../nbs/08_widgets.ipynb #d2d90096
+# %% ../nbs/08_widgets.ipynb #efa2275c
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
@@ -18,14 +18,14 @@ import torch
 from IPython.display import display
 from transformer_lens import HookedTransformer
 
-# %% ../nbs/08_widgets.ipynb #fe822b89
+# %% ../nbs/08_widgets.ipynb #c1e4f6e5
 from .config import SaeNbError
 from .models import check_hook_name
 from .eval import bos_token_id, counted_positions, _as_token_batch, _broadcast_mask, _no_padding_kwargs, _stop_layer
 from .plots import (feature_activations, top_activating_examples, plot_top_activations, plot_activation_histogram,
                           feature_logit_effects, plot_logit_effects)
 
-# %% ../nbs/08_widgets.ipynb #e894905f
+# %% ../nbs/08_widgets.ipynb #ef74da3b
 def _check_feature(feature, # a feature index from the user
                    d_sae: int, # the SAE's number of features
                   ) -> int:
@@ -34,7 +34,7 @@ def _check_feature(feature, # a feature index from the user
         raise SaeNbError(f"Feature {feature!r} out of range: this SAE has features 0..{d_sae - 1}.")
     return int(feature)
 
-# %% ../nbs/08_widgets.ipynb #2b4d8145
+# %% ../nbs/08_widgets.ipynb #61821b6d
 class FeatureActivationIndex:
     "Every feature's nonzero activations over token windows, grouped by feature (CSC), from one pass of the model."
     def __init__(self,
@@ -87,7 +87,7 @@ class FeatureActivationIndex:
         return (f"FeatureActivationIndex({self.d_sae} features over {self.n_tokens} tokens, "
                 f"{len(self.values)} nonzero, {(self.density == 0).sum().item()} never fire)")
 
-# %% ../nbs/08_widgets.ipynb #3d573e8f
+# %% ../nbs/08_widgets.ipynb #c6b4f9c7
 def _token_text(s: str) -> str:
     "A token string shown in HTML: escaped, newlines as ⏎, spaces kept."
     return html.escape(s.replace("\n", "⏎").replace("\t", "⇥")).replace(" ", "&nbsp;")
@@ -111,7 +111,7 @@ def snippets_html(examples: pd.DataFrame, # `sae_nb.plots.top_activating_example
         lines.append(f"<div style='font-family: monospace; white-space: pre;'><b>{r.activation:.3g}</b>&nbsp;&nbsp;{''.join(spans)}</div>")
     return "<div class='sae-nb-snippets'>" + "".join(lines) + "</div>"
 
-# %% ../nbs/08_widgets.ipynb #3f887b37
+# %% ../nbs/08_widgets.ipynb #497a0d11
 def _sync_figure(target: go.FigureWidget, # the widget on screen
                  source: go.Figure, # the new figure
                 ):
@@ -132,7 +132,7 @@ def _message_figure(title: str) -> go.Figure:
     "An empty figure whose title says why."
     fig = go.Figure(); fig.update_layout(title=title, height=200); return fig
 
-# %% ../nbs/08_widgets.ipynb #e69ba56f
+# %% ../nbs/08_widgets.ipynb #5e47a14a
 class FeatureExplorer:
     "Browse an SAE's features: snippets, activation histogram and logit effects of the feature a slider picks."
     def __init__(self,
@@ -207,7 +207,7 @@ class FeatureExplorer:
 
     def _ipython_display_(self): display(self.widget)
 
-# %% ../nbs/08_widgets.ipynb #1ec37234
+# %% ../nbs/08_widgets.ipynb #403231e6
 def steering_hook(direction: torch.Tensor, # the vector added, shaped like one position's activation (flattened is fine)
                   scale: float, # its multiplier s
                   position_mask: torch.Tensor | None = None, # [batch, pos] bool: steer only where True (None: everywhere)
@@ -246,7 +246,7 @@ def steered_next_token_probs(model: HookedTransformer, # the (full) model
     logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, hook_fn)], **_no_padding_kwargs(model, tokens))
     return logits[0, -1].float().softmax(-1).cpu()
 
-# %% ../nbs/08_widgets.ipynb #2756dbb0
+# %% ../nbs/08_widgets.ipynb #6e5d1740
 def probability_changes(model: HookedTransformer, # the model (its tokenizer names the tokens)
                         probs_clean: torch.Tensor, # [d_vocab] clean probabilities
                         probs_steered: torch.Tensor, # [d_vocab] steered probabilities
@@ -275,7 +275,7 @@ def plot_steering(model: HookedTransformer, # the model (its tokenizer names the
     fig.update_layout(barmode="group", title=title, yaxis_title="probability", yaxis_range=[0, 1], height=360)
     return fig
 
-# %% ../nbs/08_widgets.ipynb #d9750feb
+# %% ../nbs/08_widgets.ipynb #670a0461
 class SteeringWidget:
     "Add a scaled SAE decoder direction at a hook and compare the prompt's next-token distribution with the clean one."
     def __init__(self,
