@@ -7,7 +7,7 @@ __all__ = ['ARCHITECTURES', 'DTYPES', 'SAE_CFG_FILENAME', 'SAE_WEIGHTS_FILENAME'
            'SAEConfig', 'SAE', 'geometric_median', 'StandardSAE', 'auxk_loss', 'TopKSAE', 'BatchTopKSAE',
            'JumpReLUFunction', 'StepFunction', 'JumpReLUSAE']
 
-# %% ../nbs/04_sae.ipynb #36db511a
+# %% ../nbs/04_sae.ipynb #9953484e
 import dataclasses
 import json
 import math
@@ -19,22 +19,22 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# %% ../nbs/04_sae.ipynb #43958ace
+# %% ../nbs/04_sae.ipynb #c5df441a
 import torch
 from torch import nn
 
-# %% ../nbs/04_sae.ipynb #34d4174c
+# %% ../nbs/04_sae.ipynb #f211188c
 from .config import (SaeNbError, get_device, write_json_atomic, read_json, save_safetensors_atomic,
                            load_safetensors_checked)
 
-# %% ../nbs/04_sae.ipynb #b5490c3d
+# %% ../nbs/04_sae.ipynb #d240e963
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAE_CFG_FILENAME = "cfg.json"  # the names SAELens uses (sae_lens.constants)
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 NORMALIZE_ACTIVATIONS = ("none", "expected_average_only_in")
 
-# %% ../nbs/04_sae.ipynb #c63c2d3d
+# %% ../nbs/04_sae.ipynb #8dbe1bbf
 def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
 
 @dataclass
@@ -102,7 +102,7 @@ class SAEConfig:
         if unknown: raise SaeNbError(f"Unknown SAEConfig field(s) {unknown}: valid fields are {sorted(names)}.")
         return cls(**d)
 
-# %% ../nbs/04_sae.ipynb #c9c31977
+# %% ../nbs/04_sae.ipynb #194e96b9
 def _fp_check(x: torch.Tensor, d_in: int, what: str = "x"):
     if not isinstance(x, torch.Tensor): raise SaeNbError(f"{what} must be a torch.Tensor, got {type(x).__name__}.")
     if x.ndim < 1 or x.shape[-1] != d_in:
@@ -207,7 +207,7 @@ class SAE(nn.Module):
 
     def _after_training_forward(self, f: torch.Tensor): pass
 
-# %% ../nbs/04_sae.ipynb #4624d7d6
+# %% ../nbs/04_sae.ipynb #17d68586
 class _Encode(torch.autograd.Function):
     "`(x - b_dec) @ W_enc + b_enc` as one addmm; b_dec's gradient by a matrix-vector product instead of a GEMM."
     @staticmethod
@@ -230,7 +230,7 @@ class _Encode(torch.autograd.Function):
         if need_b_dec: gb_dec = -(gx.sum(0) if gx is not None else W_enc @ gb)
         return (gx.reshape(ctx.x_shape) if gx is not None else None), gb_dec, gW, (gb if need_b else None)
 
-# %% ../nbs/04_sae.ipynb #4faef151
+# %% ../nbs/04_sae.ipynb #5828f39b
 @torch.no_grad()
 def _check_unit_rows(sae: SAE):
     norms = sae.W_dec.float().norm(dim=1)
@@ -274,7 +274,7 @@ SAE.on_after_optimizer_step = _on_after_optimizer_step
 SAE.fold_W_dec_norm = _fold_W_dec_norm
 SAE._fold_extra = lambda self, n: None
 
-# %% ../nbs/04_sae.ipynb #81cef595
+# %% ../nbs/04_sae.ipynb #fe0e47cd
 def geometric_median(points: torch.Tensor, # [N, d] points
                      n_iter: int = 100, # most Weiszfeld iterations
                      tol: float = 1e-9, # stop when the step is below tol * (1 + |y|)
@@ -308,7 +308,7 @@ def _init_b_dec_(self, sample: torch.Tensor, # activations [N, d_in] (or [..., d
 
 SAE.init_b_dec_ = _init_b_dec_
 
-# %% ../nbs/04_sae.ipynb #0f7e9ed8
+# %% ../nbs/04_sae.ipynb #af8e7f6a
 class StandardSAE(SAE):
     "ReLU SAE trained with an L1 penalty weighted by decoder row norms (the study's architecture)."
     architecture = "standard"
@@ -320,7 +320,7 @@ class StandardSAE(SAE):
 
 SAE_CLASSES["standard"] = StandardSAE
 
-# %% ../nbs/04_sae.ipynb #62a6fa00
+# %% ../nbs/04_sae.ipynb #d32e63bf
 class _GatherEncode(torch.autograd.Function):
     "`pre[rows, cols]` (pre computed without grad) with the encoder's sparse backward: only selected columns get gradient."
     @staticmethod
@@ -336,13 +336,13 @@ class _GatherEncode(torch.autograd.Function):
         gx = gb_dec = gW = gb = None
         if need_b or need_b_dec: gb = gv.new_zeros(d_sae).index_add_(0, cols, gv)
         if need_W or need_x:
-            G_T = torch.sparse_coo_tensor(torch.stack([cols, rows]), gv, (d_sae, x2.shape[0]))  # dL/dpre, transposed
+            G_T = torch.sparse_coo_tensor(torch.stack([cols, rows]), gv, (d_sae, x2.shape[0]), check_invariants=False)  # dL/dpre, transposed; indices valid by construction
         if need_W: gW = torch.sparse.mm(G_T, x2 - b_dec if b_dec is not None else x2).T  # [d_in, d_sae]
         if need_x: gx = torch.sparse.mm(G_T.t(), W_enc.T)
         if need_b_dec: gb_dec = -(gx.sum(0) if gx is not None else W_enc @ gb)
         return gx, gb_dec, gW, (gb if need_b else None), None, None, None
 
-# %% ../nbs/04_sae.ipynb #75c56276
+# %% ../nbs/04_sae.ipynb #0f7410a3
 def auxk_loss(x: torch.Tensor, # activations [..., d_in]
               x_hat: torch.Tensor, # reconstruction [..., d_in]
               pre: torch.Tensor, # pre-activations [..., d_sae]
@@ -355,10 +355,29 @@ def auxk_loss(x: torch.Tensor, # activations [..., d_in]
     dead_mask = _checked_dead_mask(dead_mask, d_sae, pre.device)
     if dead_mask is None: return x_hat.new_zeros(())
     pre2 = pre.reshape(-1, d_sae)
+    if pre.device.type in _AUXK_COUNT_ON:  # no device to wait for: count the dead, skip AuxK without any, work on their columns only
+        dead = dead_mask.nonzero().squeeze(1)
+        if dead.numel() == 0: return x_hat.new_zeros(())
+        return _auxk_columns(pre2.index_select(1, dead), W_dec.index_select(0, dead),
+                             (x - x_hat).detach().reshape(-1, d_in), dead_mask, d_in, coefficient)
     top = _auxk_top(pre2, dead_mask, d_in)
     z_aux = torch.zeros_like(pre2).scatter(-1, top.indices, torch.where(dead_mask[top.indices], top.values, 0))
     residual = (x - x_hat).detach().reshape(-1, d_in)
     return _auxk_scaled(z_aux @ W_dec - residual, dead_mask, d_in, coefficient)
+
+_AUXK_COUNT_ON = ("cpu",)  # device types where AuxK counts the dead features on the host (free there) and uses `_auxk_columns`
+
+def _auxk_columns(pre_dead: torch.Tensor, # pre-activations of the dead features only [n_tokens, n_dead]
+                  W_dec_dead: torch.Tensor, # their decoder rows [n_dead, d_in]
+                  residual: torch.Tensor, # x - x_hat, detached [n_tokens, d_in]
+                  dead_mask: torch.Tensor, # bool [d_sae]
+                  d_in: int, # the SAE's input width
+                  coefficient: float, # alpha
+                 ) -> torch.Tensor:
+    "AuxK from the dead features' columns alone (CPU): the value of the all-column form at n_dead/d_sae of its cost."
+    top = pre_dead.topk(min(max(d_in // 2, 1), pre_dead.shape[-1]), dim=-1, sorted=False)
+    z_aux = torch.zeros_like(pre_dead).scatter(-1, top.indices, top.values)
+    return _auxk_scaled(z_aux @ W_dec_dead - residual, dead_mask, d_in, coefficient)
 
 def _checked_dead_mask(dead_mask, d_sae: int, device) -> torch.Tensor | None:
     "`dead_mask` as a bool tensor on `device`, checked to be `[d_sae]` (None stays None); reads nothing back from the device."
@@ -420,7 +439,13 @@ class TopKSAE(SAE):
         x_hat = torch.nn.functional.embedding_bag(cols, self.W_dec, offsets, per_sample_weights=vals, mode="sum") + self.b_dec
         mse = (x_hat - x2).pow(2).sum(-1).mean()
         aux, dead_mask = x_hat.new_zeros(()), _checked_dead_mask(dead_mask, d_sae, pre.device)
-        if dead_mask is not None:  # each token's top dead pre-activations, with the encoder's sparse backward; fixed shapes
+        if dead_mask is not None and pre.device.type in _AUXK_COUNT_ON:  # no device to wait for: the dead columns only, nothing if none
+            dead = dead_mask.nonzero().squeeze(1)
+            if dead.numel():  # their pre-activations again, with gradient: a GEMM of n_dead columns
+                pre_dead = _Encode.apply(x2, b_dec_in, self.W_enc.index_select(1, dead), self.b_enc.index_select(0, dead))
+                aux = _auxk_columns(pre_dead, self.W_dec.index_select(0, dead), (x2 - x_hat).detach(), dead_mask, d_in,
+                                    self.cfg.aux_loss_coefficient)
+        elif dead_mask is not None:  # each token's top dead pre-activations, with the encoder's sparse backward; fixed shapes
             a_cols = _auxk_top(pre, dead_mask, d_in).indices  # [n_tokens, k_aux]
             n, k_aux = a_cols.shape
             a_cols, tok = a_cols.reshape(-1), torch.arange(n, device=pre.device)
@@ -442,7 +467,7 @@ class TopKSAE(SAE):
 
 SAE_CLASSES["topk"] = TopKSAE
 
-# %% ../nbs/04_sae.ipynb #23879b53
+# %% ../nbs/04_sae.ipynb #b18881a9
 def _jumprelu_inference(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     "SAELens' JumpReLU at inference: ReLU(pre) where pre > threshold, else 0."
     return torch.relu(pre) * (pre > threshold).to(pre.dtype)
@@ -480,7 +505,7 @@ class BatchTopKSAE(TopKSAE):
 
 SAE_CLASSES["batchtopk"] = BatchTopKSAE
 
-# %% ../nbs/04_sae.ipynb #e609c829
+# %% ../nbs/04_sae.ipynb #1448a0db
 def _rectangle(u: torch.Tensor) -> torch.Tensor: return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 class JumpReLUFunction(torch.autograd.Function):
@@ -533,7 +558,7 @@ class JumpReLUSAE(SAE):
 
 SAE_CLASSES["jumprelu"] = JumpReLUSAE
 
-# %% ../nbs/04_sae.ipynb #b6d9ce34
+# %% ../nbs/04_sae.ipynb #3cb233e8
 _LAYOUT_VERSION = "6.0.0"
 _META_FIELDS = ("model_name", "hook_name", "hook_layer", "hook_head_index", "context_size", "prepend_bos", "dataset_path")
 _DETAIL_FIELDS = {"topk": ("aux_loss_coefficient",), "batchtopk": ("k", "aux_loss_coefficient", "topk_threshold_lr"),
@@ -620,7 +645,7 @@ def _config_from_saelens_dict(d: dict, # a parsed cfg.json (SAELens v6, pre-v6, 
     except TypeError as e: raise SaeNbError(f"{path}: bad config value ({e}).") from e
     return cfg, bool(d.get("rescale_acts_by_decoder_norm", False))
 
-# %% ../nbs/04_sae.ipynb #7c212618
+# %% ../nbs/04_sae.ipynb #d7891adc
 def _tensors_for_saving(self) -> dict:
     "The tensors SAELens expects in `sae_weights.safetensors`, checked finite."
     tensors = {n: getattr(self, n).detach() for n in self.tensor_names}
@@ -661,7 +686,7 @@ def _save(self, folder: str | Path, # the folder to write (created; its parent t
 SAE._tensors_for_saving = _tensors_for_saving
 SAE.save = _save
 
-# %% ../nbs/04_sae.ipynb #91bedee3
+# %% ../nbs/04_sae.ipynb #118bd4b4
 def _device_or_cpu(device) -> str:
     try: return str(get_device(device))
     except SaeNbError: return "cpu"
