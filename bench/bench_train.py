@@ -49,6 +49,7 @@ def med(xs) -> str:
 
 
 def machine() -> str:
+    "CPU model, CPU count, load average, torch version and threads, in one line."
     model = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as f:
@@ -253,7 +254,6 @@ def part_loop(a):
         # SAELens' trainer-level step on the same batches, half before and half after a short train_sae run
         from sae_lens import SAETrainer
         from sae_lens.config import SAETrainerConfig
-        sl_sae, _ = None, None
         if arch == "standard":
             from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
             sl_sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=a.d_in, d_sae=a.d_sae, l1_coefficient=1e-3))
