@@ -12,17 +12,14 @@ import torch
 from sae_nb.config import SaeNbError, read_json
 from sae_nb.sae import SAE, SAEConfig
 from sae_nb.train import TrainConfig, train_sae
+from synthetic import sparse_activations
 
 HERE = Path(__file__).resolve().parent
 
 
-def make_data(n_rows=1024, d_in=16, n_features=32, seed=0):
-    "Sparse non-negative combinations of random unit directions plus an offset (the same on every rank)."
-    g = torch.Generator().manual_seed(seed)
-    directions = torch.randn(n_features, d_in, generator=g)
-    directions /= directions.norm(dim=1, keepdim=True)
-    coef = (torch.rand(n_rows, n_features, generator=g) < 0.1) * torch.rand(n_rows, n_features, generator=g) * 3
-    return coef @ directions + 0.5
+def make_data(n_rows=1024, d_in=16, seed=0):
+    "The runs' data: 32 directions, each active with p 0.1 (the same on every rank)."
+    return sparse_activations(n_rows, d_in, n_features=32, p_active=0.1, seed=seed)
 
 
 def runs():

@@ -17,6 +17,7 @@ from sae_nb import train as train_module
 from sae_nb.config import SaeNbError, get_device, load_safetensors_checked, read_json, save_safetensors_atomic
 from sae_nb.sae import ARCHITECTURES, DTYPES, SAE, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SAEConfig
 from sae_nb.train import HISTORY_KEYS, TrainConfig, latest_checkpoint, train_sae
+from synthetic import sparse_activations
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.mlp.hook_post"  # glassllm-en: 341 wide
@@ -24,13 +25,9 @@ CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OMP_WAIT_
                  HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
 
 
-def make_data(n_rows=1024, d_in=16, n_features=64, seed=0):
-    "Sparse non-negative combinations of random unit directions plus an offset: SAE-shaped synthetic activations."
-    g = torch.Generator().manual_seed(seed)
-    directions = torch.randn(n_features, d_in, generator=g)
-    directions /= directions.norm(dim=1, keepdim=True)
-    coef = (torch.rand(n_rows, n_features, generator=g) < 0.08) * torch.rand(n_rows, n_features, generator=g) * 3
-    return coef @ directions + 0.5
+def make_data(n_rows=1024, d_in=16, seed=0):
+    "SAE-shaped synthetic activations: 64 directions, each active with p 0.08."
+    return sparse_activations(n_rows, d_in, n_features=64, p_active=0.08, seed=seed)
 
 
 def batches_of(data, batch_size):
