@@ -6,7 +6,7 @@
 __all__ = ['DEFAULT_MODEL', 'DEFAULT_HOOK', 'DEFAULT_CORPUS', 'TRAIN_DEFAULTS', 'SCALAR_METRICS', 'build_parser', 'StageTimer',
            'format_metrics', 'run_train', 'run_collect', 'run_eval', 'main', 'write_report']
 
-# %% ../nbs/10_cli.ipynb #defdee2e
+# %% ../nbs/10_cli.ipynb #12b1fa58
 import argparse
 import contextlib
 import json
@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-# %% ../nbs/10_cli.ipynb #7fe6c4f6
+# %% ../nbs/10_cli.ipynb #6ecf1e32
 import torch
 
-# %% ../nbs/10_cli.ipynb #3207f664
+# %% ../nbs/10_cli.ipynb #d26b4f66
 from .config import SaeNbError, atomic_path, get_device, in_test, write_json_atomic
 from .models import EMBEDDED_MODELS, check_hook_name, load_model
 from .data import CORPORA, load_corpus, tokenize_corpus
@@ -28,16 +28,16 @@ from .sae import ARCHITECTURES, SAE, SAEConfig
 from .train import TrainConfig, init_data_parallel, train_sae
 from .eval import evaluate, roundtrip
 
-# %% ../nbs/10_cli.ipynb #9f68df90
+# %% ../nbs/10_cli.ipynb #57556f51
 DEFAULT_MODEL, DEFAULT_HOOK, DEFAULT_CORPUS = "smollm2-135m", "blocks.0.mlp.hook_post", "pydoc"
 
-# %% ../nbs/10_cli.ipynb #1328e853
+# %% ../nbs/10_cli.ipynb #a05f3c33
 class _OneLineParser(argparse.ArgumentParser):
     "An ArgumentParser whose errors are one line on stderr with exit code 2."
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
-# %% ../nbs/10_cli.ipynb #419499e7
+# %% ../nbs/10_cli.ipynb #77fcc097
 def _positive_int(text: str) -> int:
     "argparse type: a whole number >= 1."
     try: v = int(text)
@@ -52,17 +52,17 @@ def _nonnegative_float(text: str) -> float:
     if not v >= 0 or v == float("inf"): raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
     return v
 
-# %% ../nbs/10_cli.ipynb #9447bdc3
+# %% ../nbs/10_cli.ipynb #5f17fc0e
 TRAIN_DEFAULTS = dict(model=DEFAULT_MODEL, hook=DEFAULT_HOOK, corpus=DEFAULT_CORPUS, architecture="standard",
                       expansion=4, width=None, k=32, l1_coefficient=None, steps=400, batch_size=1024, lr=None,
                       context_size=128, eval_windows=8, seed=0, device=None, out=None, resume=False,
                       checkpoint_every=50, report=True)
 
-# %% ../nbs/10_cli.ipynb #5319275f
+# %% ../nbs/10_cli.ipynb #426a1523
 _DEFAULT_LR = {"standard": 1e-3, "topk": 1e-3, "batchtopk": 1e-3, "jumprelu": 1e-3}
 _DEFAULT_SPARSITY = {"standard": 0.5, "topk": 0.0, "batchtopk": 0.0, "jumprelu": 1.0}
 
-# %% ../nbs/10_cli.ipynb #9fe5e1e5
+# %% ../nbs/10_cli.ipynb #1c1883c5
 def build_parser() -> argparse.ArgumentParser:
     "The `sae_nb` argument parser: subcommands `train`, `collect` and `eval`, every option with its default."
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens", type=_positive_int, default=4096, help="evaluation tokens")
     return p
 
-# %% ../nbs/10_cli.ipynb #dbe07718
+# %% ../nbs/10_cli.ipynb #91c2a535
 def _default_out(args, suffix: str) -> Path:
     "runs/<model>-<hook>-<suffix>, with characters that are awkward in paths replaced."
     name = f"{args.model}-{args.hook}-{suffix}".replace("/", "_").replace(":", "_")
@@ -125,7 +125,7 @@ def _check_out_folder(out: Path, resume: bool = False) -> Path:
         raise SaeNbError(f"--out {out} is not writable ({e}): pick a folder you can write to.") from None
     return out
 
-# %% ../nbs/10_cli.ipynb #de82c4ec
+# %% ../nbs/10_cli.ipynb #c90fc20b
 class StageTimer:
     "Wall-clock seconds per named stage, in the order the stages ran."
     def __init__(self): self.seconds = {}
@@ -140,7 +140,7 @@ class StageTimer:
         total = sum(self.seconds.values()) or 1.0
         return "\n".join(f"  {k:<10} {v:8.1f} s  {100 * v / total:5.1f}%" for k, v in self.seconds.items())
 
-# %% ../nbs/10_cli.ipynb #b8a6800f
+# %% ../nbs/10_cli.ipynb #66856043
 SCALAR_METRICS = ("explained_variance", "fvu", "mse", "l0", "l1", "dead_fraction", "dense_fraction", "ce_clean",
                   "ce_sae", "ce_zero", "ce_mean", "loss_recovered", "kl", "top1_agreement", "top5_overlap", "n_tokens")
 
@@ -153,7 +153,7 @@ def format_metrics(metrics: dict, # scalar metrics from `evaluate`
     "Metrics as aligned `name value` lines."
     return "\n".join(f"  {k:<20} {v:.4g}" if isinstance(v, float) else f"  {k:<20} {v}" for k, v in _scalars(metrics).items())
 
-# %% ../nbs/10_cli.ipynb #b76f523b
+# %% ../nbs/10_cli.ipynb #ad52681d
 def _train_settings(args, d_in: int) -> tuple:
     "The SAEConfig and TrainConfig the `train` options ask for (validated by their constructors)."
     width = args.width or args.expansion * d_in
@@ -169,7 +169,7 @@ def _train_settings(args, d_in: int) -> tuple:
                             device=args.device, b_dec_init="mean", show_progress=True)
     return sae_cfg, train_cfg
 
-# %% ../nbs/10_cli.ipynb #5f47fdf4
+# %% ../nbs/10_cli.ipynb #e926facd
 def run_train(args) -> dict:
     "The main job: load, tokenise, collect + train, evaluate, report; returns the scalar metrics."
     timer = StageTimer()
@@ -223,7 +223,7 @@ def run_train(args) -> dict:
     print(f"\nstages (wall time):\n{timer.table()}")
     return summary
 
-# %% ../nbs/10_cli.ipynb #e4c39018
+# %% ../nbs/10_cli.ipynb #639386eb
 def _hook_width(model, hook_name: str) -> int:
     "The last-dimension width of `hook_name`'s activation, from one tiny forward pass that stops after its block."
     captured = {}
@@ -234,7 +234,7 @@ def _hook_width(model, hook_name: str) -> int:
         model.run_with_hooks(tokens, fwd_hooks=[(hook_name, lambda a, hook: captured.setdefault("a", a))], stop_at_layer=stop)
     return int(captured["a"].shape[-1])
 
-# %% ../nbs/10_cli.ipynb #3121da74
+# %% ../nbs/10_cli.ipynb #13d79d44
 def run_collect(args) -> Path:
     "Write an on-disk activation cache of `--tokens` rows; returns the cache folder."
     out = _check_out_folder(Path(args.out) if args.out else _default_out(args, "acts"))
@@ -250,21 +250,22 @@ def run_collect(args) -> Path:
           f"on {args.corpus} ({len(meta.get('shards', []))} shards)")
     return out
 
-# %% ../nbs/10_cli.ipynb #90e35d35
+# %% ../nbs/10_cli.ipynb #901a0e82
 def run_eval(args) -> dict:
     "Evaluate a saved SAE folder on `--tokens` tokens of the corpus and print the metrics."
     sae = SAE.load(args.sae, device=args.device)
     model = load_model(args.model, device=get_device(args.device))
     check_hook_name(model, args.hook)
-    if sae.cfg.d_in != _hook_width(model, args.hook):
+    width = _hook_width(model, args.hook)
+    if sae.cfg.d_in != width:
         raise SaeNbError(f"The SAE in {args.sae} reads width {sae.cfg.d_in}, but {args.model} {args.hook} has width "
-                         f"{_hook_width(model, args.hook)}: pass the --model/--hook it was trained on.")
+                         f"{width}: pass the --model/--hook it was trained on.")
     tokens = tokenize_corpus(load_corpus(args.corpus), model, context_size=args.context_size, max_tokens=args.tokens)
     metrics = evaluate(model, sae, tokens, args.hook)
     print(f"metrics of {args.sae} on {metrics['n_tokens']} tokens:\n{format_metrics(metrics)}")
     return _scalars(metrics)
 
-# %% ../nbs/10_cli.ipynb #a37e99da
+# %% ../nbs/10_cli.ipynb #4ba3d095
 def main(argv: list[str] | None = None, # command-line arguments (None: sys.argv[1:])
         ) -> int:
     "Entry point of the `sae_nb` console script; user errors print one line and return 2."
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None, # command-line arguments (None: sys.argv
         return 2
     return 0
 
-# %% ../nbs/10_cli.ipynb #7698d91e
+# %% ../nbs/10_cli.ipynb #9f04d4b5
 def write_report(path: str | Path, # the report file, e.g. OUT/report.html
                  summary: dict, # run settings + scalar metrics (+ "stage_seconds")
                  history: dict, # `train_sae`'s history
@@ -304,7 +305,7 @@ def write_report(path: str | Path, # the report file, e.g. OUT/report.html
     with atomic_path(path) as tmp: Path(tmp).write_text(doc, encoding="utf-8")
     return Path(path)
 
-# %% ../nbs/10_cli.ipynb #7402b65c
+# %% ../nbs/10_cli.ipynb #f619d61c
 def _running_as_script() -> bool:
     "True when this module runs as `python -m sae_nb.cli` (not inside IPython/Jupyter)."
     ip = sys.modules.get("IPython")
