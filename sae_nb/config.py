@@ -37,7 +37,7 @@ def get_device(device: str | torch.device | None = None, # `None` picks cuda > m
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(): return torch.device("mps")
         return torch.device("cpu")
     try: dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
+    except (RuntimeError, TypeError, ValueError, OverflowError) as e:
         raise SaeNbError(f"Unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps'.") from e
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -70,9 +70,11 @@ def atomic_path(path: str | Path, # the final file name
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     umask = os.umask(0); os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the final file the usual permissions
     try:
         yield Path(tmp)
+        # mkstemp makes 0600 files, and some writers (safetensors) replace the file by one of their own: give the
+        # final file the usual permissions after the write
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f: os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
