@@ -712,7 +712,9 @@ def assert_valid_sae(sae):
               "threshold": (cfg.d_sae,)}
     for n in sae.tensor_names:
         t = getattr(sae, n)
-        assert tuple(t.shape) == shapes[n] and t.dtype == DTYPES[cfg.dtype] and bool(torch.isfinite(t).all()), n
+        # thresholds stay float32 (or wider) whatever the SAE's dtype: a bf16 threshold cannot learn
+        dtype = torch.promote_types(DTYPES[cfg.dtype], torch.float32) if n == "threshold" else DTYPES[cfg.dtype]
+        assert tuple(t.shape) == shapes[n] and t.dtype == dtype and bool(torch.isfinite(t).all()), n
     assert sae(torch.randn(2, cfg.d_in)).shape == (2, cfg.d_in)
 
 
