@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_nb.config import SaeNbError, read_json
+from sae_nb.config import LOCK_NAME, SaeNbError, read_json
 from sae_nb.sae import SAE, SAEConfig
 from sae_nb.train import TrainConfig, train_sae
 from synthetic import sparse_activations
@@ -100,7 +100,7 @@ def test_two_ranks_match_one_process(ddp_runs, name):
 
 
 def test_rank0_alone_writes(ddp_runs):
-    names = sorted(p.name for p in (ddp_runs / "standard").iterdir())
+    names = sorted(p.name for p in (ddp_runs / "standard").iterdir() if p.name != LOCK_NAME)
     assert names == ["checkpoints", "history.json", "sae"]
     assert sorted(p.name for p in (ddp_runs / "standard" / "checkpoints").iterdir()) == ["latest", "step_12", "step_6"]
 
@@ -111,10 +111,11 @@ def test_resume_with_another_world_size(ddp_runs, tmp_path):
     # tensor data: the global batches do not depend on the world size, so one process may go on (with a warning)
     run = tmp_path / "standard"
     shutil.copytree(ddp_runs / "standard", run)
+    (run / "checkpoints" / "latest").write_text("step_6\n")  # go on from the middle (a run's length is fixed: no extending)
     cfg, settings = runs()["standard"]
     with pytest.warns(UserWarning, match="world size 2 on 1"):
-        sae, history = train_sae(make_data(), cfg, TrainConfig(**{**settings, "steps": 16}, out_dir=run, resume=True))
-    assert history["step"][-1] == 16
+        sae, history = train_sae(make_data(), cfg, TrainConfig(**settings, out_dir=run, resume=True))
+    assert history["step"][-1] == settings["steps"] == 12
     # a sharded store's positions are per rank: resuming on another world size is refused with the fix
     sharded = ddp_runs / "sharded"
     assert read_json(sharded / "checkpoints" / "step_5" / "trainer_state.json")["data_sharded"] is True
