@@ -9,10 +9,14 @@ __all__ = ['DEFAULT_MODEL', 'DEFAULT_HOOK', 'DEFAULT_CORPUS', 'TRAIN_DEFAULTS', 
 # %% ../nbs/10_cli.ipynb #12b1fa58
 import argparse
 import contextlib
+import errno
 import json
+import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -20,12 +24,12 @@ from pathlib import Path
 import torch
 
 # %% ../nbs/10_cli.ipynb #d26b4f66
-from .config import SaeNbError, atomic_path, get_device, in_test, write_json_atomic
+from .config import LOCK_NAME, SaeNbError, atomic_path, folder_lock, get_device, in_test, read_json, write_json_atomic
 from .models import EMBEDDED_MODELS, check_hook_name, load_model
-from .data import CORPORA, load_corpus, tokenize_corpus
+from .data import CORPORA, bos_token_id, load_corpus, tokenize_corpus
 from .activations import ActivationStore
-from .sae import ARCHITECTURES, SAE, SAEConfig
-from .train import TrainConfig, init_data_parallel, train_sae
+from .sae import ARCHITECTURES, SAE, SAE_CFG_FILENAME, SAEConfig, check_fits_in_memory, _config_from_saelens_dict
+from .train import TrainConfig, init_data_parallel, latest_checkpoint, run_folder_state, train_sae
 from .eval import evaluate, roundtrip
 
 # %% ../nbs/10_cli.ipynb #57556f51
@@ -52,6 +56,27 @@ def _nonnegative_float(text: str) -> float:
     if not v >= 0 or v == float("inf"): raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
     return v
 
+def _positive_float(text: str) -> float:
+    "argparse type: a finite number > 0 (a learning rate)."
+    try: v = float(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not (v > 0 and math.isfinite(v)): raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0, e.g. 1e-3")
+    return v
+
+_MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; train_sae seeds one with seed + 1, numpy's SeedSequence any int >= 0
+
+def _seed(text: str) -> int:
+    "argparse type: a whole number in 0..2**63-1."
+    try: v = int(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if not 0 <= v <= _MAX_SEED: raise argparse.ArgumentTypeError(f"{v} must be in 0..{_MAX_SEED} (2**63-1)")
+    return v
+
+def _folder(text: str) -> str:
+    "argparse type: a non-empty folder path."
+    if not text.strip(): raise argparse.ArgumentTypeError("the folder path is empty: give a folder, or leave the option out for the default")
+    return text
+
 # %% ../nbs/10_cli.ipynb #5f17fc0e
 TRAIN_DEFAULTS = dict(model=DEFAULT_MODEL, hook=DEFAULT_HOOK, corpus=DEFAULT_CORPUS, architecture="standard",
                       expansion=4, width=None, k=32, l1_coefficient=None, steps=400, batch_size=1024, lr=None,
@@ -70,13 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     D = TRAIN_DEFAULTS
-    def common(sp):
-        sp.add_argument("--model", default=D["model"], help=f"model name: {', '.join(EMBEDDED_MODELS)}, gelu-1l or any TransformerLens name")
-        sp.add_argument("--hook", default=D["hook"], help="TransformerLens hook whose activations the SAE reads")
+    def common(sp, model=D["model"], hook=D["hook"]):
+        sp.add_argument("--model", default=model, help=f"model name: {', '.join(EMBEDDED_MODELS)}, gelu-1l or any TransformerLens name")
+        sp.add_argument("--hook", default=hook, help="TransformerLens hook whose activations the SAE reads")
         sp.add_argument("--corpus", default=D["corpus"], help=f"text: {', '.join(CORPORA)} or a Hugging Face dataset id (e.g. JeanKaddour/minipile)")
         sp.add_argument("--context-size", type=_positive_int, default=D["context_size"], help="tokens per window, BOS included")
         sp.add_argument("--device", default=D["device"], help="cpu, cuda, cuda:N or mps (default: best available)")
-        sp.add_argument("--seed", type=int, default=D["seed"], help="seed for the SAE init and the data order")
+        sp.add_argument("--seed", type=_seed, default=D["seed"], help="seed for the SAE init and the data order")
     t = sub.add_parser("train", help="collect activations, train an SAE, evaluate it and write a report", formatter_class=fmt)
     common(t)
     t.add_argument("--architecture", default=D["architecture"], choices=list(ARCHITECTURES), help="SAE architecture")
@@ -88,19 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive_int, default=D["steps"], help="optimizer steps")
     t.add_argument("--tokens", type=_positive_int, default=None, help="training tokens (overrides --steps: steps = tokens / batch size)")
     t.add_argument("--batch-size", type=_positive_int, default=D["batch_size"], help="activation rows (tokens) per step")
-    t.add_argument("--lr", type=float, default=D["lr"], help=f"Adam learning rate; default per architecture {_DEFAULT_LR}")
+    t.add_argument("--lr", type=_positive_float, default=D["lr"], help=f"Adam learning rate; default per architecture {_DEFAULT_LR}")
     t.add_argument("--eval-windows", type=_positive_int, default=D["eval_windows"], help="held-out windows for evaluation")
     t.add_argument("--checkpoint-every", type=_positive_int, default=D["checkpoint_every"], help="steps between checkpoints")
-    t.add_argument("--out", default=D["out"], help="output folder (default: runs/<model>-<hook>-<architecture>-<width>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--out", type=_folder, default=D["out"], help="output folder (default: runs/<model>-<hook>-<architecture>-<width>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (options left out default to the run's own; changed ones are refused)")
     t.add_argument("--no-report", dest="report", action="store_false", help="skip the HTML report")
     c = sub.add_parser("collect", help="write an on-disk activation cache (sharded safetensors)", formatter_class=fmt)
     common(c)
     c.add_argument("--tokens", type=_positive_int, default=200_000, help="activation rows to collect (whole windows, at most this many)")
-    c.add_argument("--out", default=None, help="cache folder (default: runs/<model>-<hook>-acts)")
+    c.add_argument("--out", type=_folder, default=None, help="cache folder (default: runs/<model>-<hook>-acts)")
     e = sub.add_parser("eval", help="evaluate a saved SAE folder on held-out text", formatter_class=fmt)
-    common(e)
-    e.add_argument("sae", help="an SAE folder (sae_nb or SAELens)")
+    common(e, model=None, hook=None)
+    e.add_argument("sae", help="an SAE folder (sae_nb or SAELens); --model and --hook default to the ones in its cfg.json")
     e.add_argument("--tokens", type=_positive_int, default=4096, help="evaluation tokens")
     return p
 
@@ -110,12 +135,16 @@ def _default_out(args, suffix: str) -> Path:
     name = f"{args.model}-{args.hook}-{suffix}".replace("/", "_").replace(":", "_")
     return Path("runs") / name
 
-def _check_out_folder(out: Path, resume: bool = False) -> Path:
-    "Refuse an output folder we could not write, or one holding earlier work (unless resuming it)."
+def _check_out_folder(out: Path, resume: bool = False, can_resume: bool = True) -> Path:
+    "Refuse an output folder we could not write, or one holding earlier work (unless resuming it); `can_resume`: the command has --resume (a run folder)."
     out = Path(out)
     if out.exists() and not out.is_dir(): raise SaeNbError(f"--out {out} is a file, not a folder: pick a folder path.")
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise SaeNbError(f"--out {out} already holds files: pass --resume to continue that run, or pick a new folder (nothing is overwritten).")
+    if can_resume:  # a run folder: what train_sae would refuse, refused before any work (see `run_folder_state`)
+        if not resume and run_folder_state(out) in ("checkpointed", "other"):
+            raise SaeNbError(f"--out {out} already holds files: pass --resume to continue that run, or pick a new folder (nothing is overwritten).")
+    elif out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
+        raise SaeNbError(f"--out {out} already holds files: pick a new folder, or delete this one if you no longer need "
+                         "what is in it (nothing is overwritten).")
     if resume and not out.exists(): raise SaeNbError(f"--resume given but {out} does not exist: drop --resume or point --out at the run folder.")
     parent = out if out.exists() else next(p for p in [out, *out.parents] if p.exists())
     try:  # a real probe (permission bits say nothing for root or read-only file systems); it leaves nothing behind
@@ -160,14 +189,99 @@ def _train_settings(args, d_in: int) -> tuple:
     arch = args.architecture
     k = args.k if arch in ("topk", "batchtopk") else None
     sae_cfg = SAEConfig(architecture=arch, d_in=d_in, d_sae=width, k=k, model_name=args.model, hook_name=args.hook,
-                        context_size=args.context_size, dataset_path=args.corpus)
-    steps = -(-args.tokens // args.batch_size) if args.tokens else args.steps
-    train_cfg = TrainConfig(batch_size=args.batch_size, steps=steps, lr=args.lr or _DEFAULT_LR[arch],
+                        context_size=args.context_size, dataset_path=args.corpus,
+                        extra_metadata={"sae_nb_cli": {"eval_windows": args.eval_windows}})  # read back by --resume
+    steps = _run_steps(args)
+    train_cfg = TrainConfig(batch_size=args.batch_size, steps=steps, lr=_DEFAULT_LR[arch] if args.lr is None else args.lr,
                             l1_coefficient=_DEFAULT_SPARSITY[arch] if args.l1_coefficient is None else args.l1_coefficient,
                             lr_warmup_steps=min(50, steps // 10), seed=args.seed, log_every=max(1, min(25, steps // 20)),
                             checkpoint_every=min(args.checkpoint_every, steps), out_dir=args.out, resume=args.resume,
                             device=args.device, b_dec_init="mean", show_progress=True)
     return sae_cfg, train_cfg
+
+def _run_steps(args) -> int:
+    "Optimizer steps of the run: --tokens / --batch-size rounded up, else --steps."
+    return -(-args.tokens // args.batch_size) if args.tokens else args.steps
+
+# %% ../nbs/10_cli.ipynb #e5d9b394
+def _given_options(argv: list[str]) -> set:
+    "The option names (`dest`s) given explicitly on the command line `argv`, defaults left out."
+    p = build_parser()
+    for sp in p._subparsers._group_actions[0].choices.values():
+        for a in sp._actions: a.default = argparse.SUPPRESS  # left out of the namespace unless given
+    return set(vars(p.parse_args(argv))) - {"command"}
+
+_FIXED_BY_RUN = ("model", "hook", "corpus", "context_size", "architecture", "width", "k", "seed", "eval_windows")
+_LENGTH = ("steps", "batch_size")
+_FLAG = dict(model="--model", hook="--hook", corpus="--corpus", context_size="--context-size", architecture="--architecture",
+             width="--width", k="--k", seed="--seed", eval_windows="--eval-windows", steps="--steps", batch_size="--batch-size",
+             lr="--lr", l1_coefficient="--l1-coefficient")
+
+def _saved_run_settings(out: Path) -> tuple:
+    "`(settings, checkpoint)`: the train options a run folder's latest checkpoint was made with ({} and None without one)."
+    ck = latest_checkpoint(out)
+    if ck is None: return {}, None
+    cfg, _ = _config_from_saelens_dict(read_json(ck / SAE_CFG_FILENAME), ck / SAE_CFG_FILENAME)
+    tc = read_json(ck / "trainer_state.json")
+    tc = tc.get("train_config") if isinstance(tc, dict) else None
+    tc = tc if isinstance(tc, dict) else {}
+    steps, bs = tc.get("steps"), tc.get("batch_size")
+    if steps is None and tc.get("total_tokens") and bs: steps = -(-tc["total_tokens"] // bs)
+    cli = cfg.extra_metadata.get("sae_nb_cli") if isinstance(cfg.extra_metadata.get("sae_nb_cli"), dict) else {}
+    saved = dict(model=cfg.model_name, hook=cfg.hook_name, corpus=cfg.dataset_path, context_size=cfg.context_size,
+                 architecture=cfg.architecture, width=cfg.d_sae, d_in=cfg.d_in,
+                 k=cfg.k if cfg.architecture in ("topk", "batchtopk") else None, seed=tc.get("seed"),
+                 eval_windows=cli.get("eval_windows"), steps=steps, batch_size=bs, lr=tc.get("lr"),
+                 l1_coefficient=tc.get("l1_coefficient"))
+    return {k: v for k, v in saved.items() if v is not None}, ck
+
+def _apply_resume_settings(args, given: set) -> Path | None:
+    "On --resume: refuse options that differ from the run's saved ones, fill the others from them; returns the checkpoint read."
+    saved, ck = _saved_run_settings(Path(args.out))
+    if ck is None: return None
+    asked = {k: getattr(args, k) for k in (*_FIXED_BY_RUN, *_LENGTH) if k in given}
+    if "width" not in given and "expansion" in given and "d_in" in saved:
+        asked["width"] = args.expansion * saved["d_in"]
+    if "tokens" in given and args.tokens:
+        asked["steps"] = -(-args.tokens // asked.get("batch_size", saved.get("batch_size", args.batch_size)))
+    if "k" in asked and saved.get("architecture", args.architecture) not in ("topk", "batchtopk"): del asked["k"]
+    def show(k, v): return f"{_FLAG[k]} {v}" + (f" (= --expansion {args.expansion})" if k == "width" and "width" not in given else "")
+    diff = [k for k, v in asked.items() if k in saved and v != saved[k]]
+    where = f"{ck / SAE_CFG_FILENAME} and trainer_state.json"
+    length = [k for k in diff if k in _LENGTH]
+    if length:
+        raise SaeNbError(f"Cannot resume {args.out} with {', '.join(show(k, asked[k]) for k in length)}: the run was started with "
+                         f"{saved.get('steps')} steps of {saved.get('batch_size')} tokens ({where}). A run's length fixes its lr "
+                         "warm-up and decay and its sparsity warm-up, so it cannot be extended or shortened: drop "
+                         f"{', '.join(_FLAG[k] for k in length)}{' and --tokens' if 'tokens' in given else ''} to finish it as started, "
+                         "or start a new run of the length you want in a new --out.")
+    if diff:
+        raise SaeNbError(f"Cannot resume {args.out}: given {', '.join(show(k, asked[k]) for k in diff)}, but the run was trained "
+                         f"with {', '.join(f'{_FLAG[k]} {saved[k]}' for k in diff)} ({where}). Leave those options out to continue "
+                         "the run with its own settings, or pick a new --out for a new run.")
+    for k in (*_FIXED_BY_RUN, *_LENGTH, "lr", "l1_coefficient"):
+        if k not in given and k in saved: setattr(args, k, saved[k])
+    if "width" in saved and "width" not in given: args.width = saved["width"]
+    if "steps" in saved and "tokens" not in given: args.tokens = None
+    return ck
+
+# %% ../nbs/10_cli.ipynb #970f0640
+def _check_train_memory(d_in: int, # the hook's width
+                        d_sae: int, # the SAE's width
+                        batch_size: int, # activation rows per step
+                        device, # where training runs
+                       ):
+    "Refuse (with the figure) a run whose SAE, optimizer state, batch and activation buffer cannot fit on `device`."
+    params = 2 * d_in * d_sae + 2 * d_sae + d_in
+    floats = 4 * params + 3 * batch_size * (d_in + d_sae) + 16 * batch_size * d_in
+    check_fits_in_memory(4 * floats, f"A {d_sae:,}-feature SAE on {d_in}-wide activations with --batch-size {batch_size:,} "
+                         "(weights, gradients and Adam state; a batch's activations and features; the store's buffer) would",
+                         device)
+
+def _check_scorable(model, context_size: int):
+    "Refuse windows too short for `evaluate` to score: with BOS first, at least 3 tokens."
+    if bos_token_id(model) is not None and context_size < 3:
+        raise SaeNbError(f"--context-size {context_size} leaves no next-token loss to score after BOS: use --context-size 3 or more.")
 
 # %% ../nbs/10_cli.ipynb #e926facd
 def run_train(args) -> dict:
@@ -175,69 +289,79 @@ def run_train(args) -> dict:
     timer = StageTimer()
     arch_suffix = f"{args.architecture}-{args.width or str(args.expansion) + 'x'}"
     args.out = str(_check_out_folder(Path(args.out) if args.out else _default_out(args, arch_suffix), args.resume))
+    if args.resume: _apply_resume_settings(args, getattr(args, "given", set(vars(args))))  # before any long work
     rank, world_size, device = init_data_parallel(args.device)   # (0, 1, best device) unless run under torchrun
     main_rank = rank == 0
     with timer("load"):
         model = load_model(args.model, device=device)
         block = check_hook_name(model, args.hook)
+    _check_scorable(model, args.context_size)
     d_in = _hook_width(model, args.hook)
     sae_cfg, train_cfg = _train_settings(args, d_in)      # every setting validated before anything is written
+    _check_train_memory(d_in, sae_cfg.d_sae, train_cfg.batch_size, device)
     if train_cfg.batch_size % world_size:
         raise SaeNbError(f"--batch-size {train_cfg.batch_size} does not split over {world_size} ranks: use a multiple of {world_size}.")
     if world_size > 1: torch.distributed.barrier()  # every rank validated its settings before rank 0 writes anything
     n_train = train_cfg.num_steps * train_cfg.batch_size
     if main_rank: print(f"sae_nb train: {args.model} {args.hook} (d_in {d_in}) -> {sae_cfg.architecture} SAE of width {sae_cfg.d_sae}, "
           f"{train_cfg.num_steps} steps x {train_cfg.batch_size} tokens, out {args.out}")
-    with timer("tokenise"):
-        need = (n_train * args.context_size) // max(args.context_size - 1, 1) + (args.eval_windows + 1) * args.context_size
-        tokens = tokenize_corpus(load_corpus(args.corpus), model, context_size=args.context_size, max_tokens=need,
-                                 show_progress=main_rank)
-    if len(tokens) <= args.eval_windows:
-        raise SaeNbError(f"The corpus gave only {len(tokens)} windows; --eval-windows {args.eval_windows} leaves none to train on: "
-                         "use a larger corpus or fewer --eval-windows.")
-    train_tokens, eval_tokens = tokens[:-args.eval_windows], tokens[-args.eval_windows:]
-    # under data parallel each rank collects its own shard of the windows and takes batch_size / world_size rows a step
-    store = ActivationStore(model, train_tokens, args.hook, batch_size=train_cfg.batch_size // world_size, seed=args.seed,
-                            device=device, rank=rank, world_size=world_size, show_progress=main_rank)
-    with timer("train"):
-        sae, history = train_sae(store, sae_cfg, train_cfg)
-    if not main_rank: return {}   # rank 0 evaluates and reports
-    collect = float(getattr(store, "collect_seconds", 0.0))
-    if collect:
-        timer.seconds["collect"] = collect; timer.seconds["train"] -= collect
-    with timer("evaluate"):
-        metrics = evaluate(model, sae, eval_tokens, args.hook)
-        rt = roundtrip(sae)
-    out = Path(args.out)
-    summary = dict(_scalars(metrics), roundtrip_self_recovered=float(rt["self_recovered"].float().mean()),
-                   d_in=d_in, d_sae=sae_cfg.d_sae, architecture=sae_cfg.architecture, model=args.model, hook=args.hook,
-                   corpus=args.corpus, steps=train_cfg.num_steps, batch_size=train_cfg.batch_size, seed=args.seed)
-    with timer("report"):
+    # one process per run folder: held from here until the report is written (train_sae takes the same lock again)
+    with (folder_lock(args.out, "run folder") if main_rank else contextlib.nullcontext()):
+        with timer("tokenise"):
+            need = (n_train * args.context_size) // max(args.context_size - 1, 1) + (args.eval_windows + 1) * args.context_size
+            tokens = tokenize_corpus(load_corpus(args.corpus), model, context_size=args.context_size, max_tokens=need,
+                                     show_progress=main_rank)
+        if len(tokens) <= args.eval_windows:
+            raise SaeNbError(f"The corpus gave only {len(tokens)} windows; --eval-windows {args.eval_windows} leaves none to train on: "
+                             "use a larger corpus or fewer --eval-windows.")
+        train_tokens, eval_tokens = tokens[:-args.eval_windows], tokens[-args.eval_windows:]
+        # under data parallel each rank collects its own shard of the windows and takes batch_size / world_size rows a step
+        store = ActivationStore(model, train_tokens, args.hook, batch_size=train_cfg.batch_size // world_size, seed=args.seed,
+                                device=device, rank=rank, world_size=world_size, show_progress=main_rank)
+        with timer("train"):
+            sae, history = train_sae(store, sae_cfg, train_cfg)
+        if not main_rank: return {}   # rank 0 evaluates and reports
+        collect = float(getattr(store, "collect_seconds", 0.0))
+        if collect:
+            timer.seconds["collect"] = collect; timer.seconds["train"] -= collect
+        with timer("evaluate"):
+            metrics = evaluate(model, sae, eval_tokens, args.hook)
+            rt = roundtrip(sae)
+        out = Path(args.out)
+        summary = dict(_scalars(metrics), roundtrip_self_recovered=float(rt["self_recovered"].float().mean()),
+                       d_in=d_in, d_sae=sae_cfg.d_sae, architecture=sae_cfg.architecture, model=args.model, hook=args.hook,
+                       corpus=args.corpus, steps=train_cfg.num_steps, batch_size=train_cfg.batch_size, seed=args.seed)
+        with timer("report"):
+            summary["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
+            write_json_atomic(summary, out / "metrics.json")   # NaN (e.g. an undefined loss recovered) is written as null
+            if args.report: write_report(out / "report.html", summary, history, metrics, rt)
         summary["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
         write_json_atomic(summary, out / "metrics.json")
-        if args.report: write_report(out / "report.html", summary, history, metrics, rt)
-    summary["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
-    write_json_atomic(summary, out / "metrics.json")
-    print(f"\nSAE saved to {out / 'sae'}\nmetrics on {metrics['n_tokens']} held-out tokens:\n{format_metrics(metrics)}")
-    print(f"  {'roundtrip self-recovered':<20} {summary['roundtrip_self_recovered']:.4g}")
-    print(f"\nstages (wall time):\n{timer.table()}")
-    return summary
+        print(f"\nSAE saved to {out / 'sae'}\nmetrics on {metrics['n_tokens']} held-out tokens:\n{format_metrics(metrics)}")
+        print(f"  {'roundtrip self-recovered':<20} {summary['roundtrip_self_recovered']:.4g}")
+        print(f"\nstages (wall time):\n{timer.table()}")
+        return summary
 
 # %% ../nbs/10_cli.ipynb #639386eb
 def _hook_width(model, hook_name: str) -> int:
-    "The last-dimension width of `hook_name`'s activation, from one tiny forward pass that stops after its block."
+    "The width of `hook_name`'s activation as the store flattens it (product of the dims after [batch, pos]: n_heads * d_head for hook_z/q/k/v), from one tiny forward pass."
     captured = {}
     block = check_hook_name(model, hook_name)
     stop = block + 1 if 0 <= block < model.cfg.n_layers - 1 else None
-    tokens = torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device)
+    tokens = torch.zeros((1, 3), dtype=torch.long, device=model.cfg.device)
     with torch.inference_mode():
         model.run_with_hooks(tokens, fwd_hooks=[(hook_name, lambda a, hook: captured.setdefault("a", a))], stop_at_layer=stop)
-    return int(captured["a"].shape[-1])
+    act = captured["a"]
+    if act.ndim < 3 or tuple(act.shape[:2]) != (1, 3):
+        raise SaeNbError(f"Hook {hook_name!r} gives activations of shape {tuple(act.shape)}, not [batch, position, ...]: "
+                         "pick a per-token hook such as blocks.0.mlp.hook_post or blocks.0.attn.hook_z.")
+    return math.prod(act.shape[2:])
 
 # %% ../nbs/10_cli.ipynb #13d79d44
 def run_collect(args) -> Path:
     "Write an on-disk activation cache of `--tokens` rows; returns the cache folder."
-    out = _check_out_folder(Path(args.out) if args.out else _default_out(args, "acts"))
+    out = _check_out_folder(Path(args.out) if args.out else _default_out(args, "acts"), can_resume=False)
+    args.out = str(out)
     device = get_device(args.device)
     model = load_model(args.model, device=device)
     check_hook_name(model, args.hook)
@@ -245,38 +369,100 @@ def run_collect(args) -> Path:
     tokens = tokenize_corpus(load_corpus(args.corpus), model, context_size=args.context_size, max_tokens=need)
     store = ActivationStore(model, tokens, args.hook, shuffle=False, loop=False, seed=args.seed, device=device)
     store.save_cache(out, max_tokens=args.tokens)
-    meta = json.loads((out / "metadata.json").read_text())
+    meta = read_json(out / "metadata.json")
     print(f"activation cache {out}: {meta.get('n_tokens')} rows of width {meta.get('d_in')} from {args.model} {args.hook} "
           f"on {args.corpus} ({len(meta.get('shards', []))} shards)")
     return out
 
 # %% ../nbs/10_cli.ipynb #901a0e82
+def _sae_setting(flag: str, given, saved, default, folder):
+    "The value of --model/--hook for `eval`: the SAE's own (cfg.json) unless given; a given value must agree with it."
+    if given is None: return saved if saved else default
+    if saved and given != saved:
+        raise SaeNbError(f"The SAE in {folder} was trained on {flag} {saved} (its {SAE_CFG_FILENAME}), but {flag} {given} was given: "
+                         f"leave {flag} out (it defaults to the SAE's own) or pass {flag} {saved}.")
+    return given
+
 def run_eval(args) -> dict:
     "Evaluate a saved SAE folder on `--tokens` tokens of the corpus and print the metrics."
     sae = SAE.load(args.sae, device=args.device)
+    args.model = _sae_setting("--model", args.model, sae.cfg.model_name, DEFAULT_MODEL, args.sae)
+    args.hook = _sae_setting("--hook", args.hook, sae.cfg.hook_name, DEFAULT_HOOK, args.sae)
     model = load_model(args.model, device=get_device(args.device))
     check_hook_name(model, args.hook)
+    _check_scorable(model, args.context_size)
     width = _hook_width(model, args.hook)
     if sae.cfg.d_in != width:
         raise SaeNbError(f"The SAE in {args.sae} reads width {sae.cfg.d_in}, but {args.model} {args.hook} has width "
                          f"{width}: pass the --model/--hook it was trained on.")
     tokens = tokenize_corpus(load_corpus(args.corpus), model, context_size=args.context_size, max_tokens=args.tokens)
     metrics = evaluate(model, sae, tokens, args.hook)
-    print(f"metrics of {args.sae} on {metrics['n_tokens']} tokens:\n{format_metrics(metrics)}")
+    print(f"metrics of {args.sae} ({args.model} {args.hook}) on {metrics['n_tokens']} tokens:\n{format_metrics(metrics)}")
     return _scalars(metrics)
 
+# %% ../nbs/10_cli.ipynb #bacc5752
+class _Signalled(KeyboardInterrupt):
+    "SIGTERM or SIGHUP outside training (loading, tokenising, evaluating), raised like Ctrl-C; `.signal` names it."
+    def __init__(self, signal_name: str): super().__init__(f"interrupted by {signal_name}"); self.signal = signal_name
+
+@contextlib.contextmanager
+def _signals_as_interrupts():
+    "In the main thread: SIGTERM and SIGHUP raise `_Signalled` (train_sae replaces this with its own checkpointing handler while it trains)."
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    def handler(signum, frame): raise _Signalled(signal.Signals(signum).name)
+    old = {}
+    for n in names:
+        s = getattr(signal, n)
+        if signal.getsignal(s) is signal.SIG_IGN: continue  # e.g. SIGHUP under nohup stays ignored
+        old[s] = signal.signal(s, handler)
+    try: yield
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
+
 # %% ../nbs/10_cli.ipynb #4ba3d095
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+def _write_failure(e: Exception) -> bool:
+    "Whether `e` is a failed write for lack of space (OSError ENOSPC/EDQUOT, or safetensors' own error, which loses the errno)."
+    if isinstance(e, OSError): return e.errno in _DISK_FULL
+    return type(e).__name__ == "SafetensorError"
+
+def _interrupt_line(args, e: KeyboardInterrupt) -> str:
+    "The one stderr line for an interrupted command: what stopped, where the checkpoint is and how to resume."
+    msg = " ".join(str(e).split()) or "interrupted"
+    if args.command != "train" or not args.out: return f"{msg}; nothing to resume: run the command again"
+    try: ck = latest_checkpoint(args.out)
+    except SaeNbError: ck = None
+    if ck is None: return f"{msg}; no checkpoint in {args.out} yet: run the same command again with --resume to start over there"
+    where = "" if str(ck) in msg else f"; the last checkpoint is {ck}"
+    return f"{msg}{where}: run the same command again with --resume to continue the run in {args.out}"
+
 def main(argv: list[str] | None = None, # command-line arguments (None: sys.argv[1:])
         ) -> int:
-    "Entry point of the `sae_nb` console script; user errors print one line and return 2."
+    "Entry point of the `sae_nb` console script: user errors print one line and return 2, an interrupt one line and 128 + signal."
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.given = _given_options(argv)
     try:
-        if args.command == "train": run_train(args)
-        elif args.command == "collect": run_collect(args)
-        elif args.command == "eval": run_eval(args)
+        with _signals_as_interrupts():
+            if args.command == "train": run_train(args)
+            elif args.command == "collect": run_collect(args)
+            elif args.command == "eval": run_eval(args)
     except SaeNbError as e:
         print(f"sae_nb {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C; SIGTERM/SIGHUP (`TrainingInterrupted` while training, `_Signalled` outside)
+        name = getattr(e, "signal", None) or "SIGINT"
+        print(f"sae_nb {args.command}: {_interrupt_line(args, e)}", file=sys.stderr)
+        return 128 + int(getattr(signal, name, signal.SIGINT))
+    except Exception as e:
+        if not _write_failure(e): raise
+        where = getattr(args, "out", None) or getattr(e, "filename", None) or "the output folder"
+        keep = " (the last complete checkpoint is kept: free space, then rerun with --resume)" if args.command == "train" else ""
+        print(f"sae_nb {args.command}: error: writing to {where} failed: disk full? ({' '.join(str(e).split())}){keep}",
+              file=sys.stderr)
+        return 1
     return 0
 
 # %% ../nbs/10_cli.ipynb #9f04d4b5
