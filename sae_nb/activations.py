@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 # %% ../nbs/03_activations.ipynb #427c679e
 import sae_nb
-from .config import SaeNbError, get_device, read_json, save_safetensors_atomic, write_json_atomic
-from .data import corpus_fingerprint
+from .config import SaeNbError, check_fits_in_memory, get_device, read_json, save_safetensors_atomic, write_json_atomic
+from .data import bos_positions, bos_token_id, check_token_windows, corpus_fingerprint
 from .models import check_hook_name
 
 # %% ../nbs/03_activations.ipynb #251de270
@@ -40,15 +40,34 @@ def _dist_rank_world(rank, world_size) -> tuple[int, int]:
         raise SaeNbError(f"rank={rank!r}, world_size={world_size!r}: need integers with 0 <= rank < world_size.")
     return rank, world_size
 
+# %% ../nbs/03_activations.ipynb #bb2275e0
+def _drops_bos_column(tokens: torch.Tensor, # `[n_windows, context_size]` token ids (checked)
+                      bos_id: int | None, # the model's BOS token id (`None`: it has none)
+                      exclude_bos: bool, # the store's setting
+                     ) -> bool:
+    "Whether the store drops column 0: `exclude_bos` and every window starts with BOS; refuses windows of which only some do."
+    if not exclude_bos: return False
+    starts = bos_positions(tokens, bos_id)[:, 0]
+    n, n_windows = int(starts.sum()), len(starts)
+    if n == 0: return False  # no BOS token, or windows without it: column 0 is a real token
+    if n < n_windows:
+        raise SaeNbError(f"{n} of {n_windows} token windows start with the BOS token (id {bos_id}) and the others do not; "
+                         "the store gives every window the same number of rows, so it cannot drop BOS from some only: "
+                         "tokenize with sae_nb.data.tokenize_corpus(..., prepend_bos=True) so every window starts with BOS, "
+                         "or pass exclude_bos=False to keep every column.")
+    if tokens.shape[1] < 2:
+        raise SaeNbError("Windows of 1 token leave no rows once BOS is excluded: use longer windows or exclude_bos=False.")
+    return True
+
 # %% ../nbs/03_activations.ipynb #bcd849cf
 class _ModelSource:
     "Activation rows of one hook for token windows, computed by running the model up to the hook."
-    def __init__(self, model, tokens, hook_name, exclude_bos, model_batch_size):
+    def __init__(self, model, tokens, hook_name, drop_bos, model_batch_size):
         self.model, self.tokens, self.hook_name = model, tokens, hook_name
         self.block = check_hook_name(model, hook_name)
         # hooks inside blocks (or before block 0) end with the block; others (ln_final...) run until the hook fires
         self.stop_at_layer = self.block + 1 if (hook_name.startswith("blocks.") or self.block < 0) else None
-        self.first_pos = 1 if exclude_bos else 0
+        self.first_pos = 1 if drop_bos else 0  # column 0 dropped when every window starts with BOS
         self.context_size = tokens.shape[1]
         self.rows_per_window = self.context_size - self.first_pos
         self.n_windows = tokens.shape[0]
@@ -115,9 +134,9 @@ class ActivationStore:
                  tokens: torch.Tensor, # `[n_windows, context_size]` token ids, e.g. from `tokenize_corpus`
                  hook_name: str, # the TransformerLens hook, e.g. "blocks.0.mlp.hook_post"
                  batch_size: int = 4096, # activation rows per batch
-                 buffer_size: int | None = None, # rows in the mixing buffer; None: 16 * batch_size
+                 buffer_size: int | None = None, # rows in the mixing buffer; None: 16 * batch_size (both capped by the data)
                  model_batch_size: int = 32, # windows per forward pass
-                 exclude_bos: bool = True, # drop column 0 of every window (BOS) from the rows
+                 exclude_bos: bool = True, # drop column 0 when every window starts with BOS (see above); False: keep all
                  shuffle: bool = True, # mix rows in the buffer; False yields them in stream order
                  seed: int = 0, # seed of the shuffle
                  loop: bool = True, # start over when the windows run out (training); False: one pass, then stop
@@ -127,40 +146,14 @@ class ActivationStore:
                  world_size: int | None = None, # number of data-parallel ranks; None: torch.distributed's, or 1
                  show_progress: bool = True, # tqdm progress bar while collecting
                 ):
-        tokens = self._check_tokens(model, tokens, exclude_bos)
+        tokens = check_token_windows(model, tokens)
         if not isinstance(model_batch_size, int) or model_batch_size < 1:
             raise SaeNbError(f"model_batch_size={model_batch_size!r}: use a positive integer (windows per forward pass).")
-        source = _ModelSource(model, tokens, hook_name, exclude_bos, model_batch_size)
+        drop_bos = _drops_bos_column(tokens, bos_token_id(model), exclude_bos)
+        source = _ModelSource(model, tokens, hook_name, drop_bos, model_batch_size)
         if device is None: device = source.device
         self._setup(source, batch_size, buffer_size, shuffle, seed, loop, device, dtype, rank, world_size, show_progress)
         self.tokens, self.exclude_bos = tokens, exclude_bos
-
-    @staticmethod
-    def _check_tokens(model, tokens, exclude_bos) -> torch.Tensor:
-        if not isinstance(tokens, torch.Tensor):
-            raise SaeNbError(f"tokens must be a torch tensor [n_windows, context_size], got {type(tokens).__name__}: "
-                             "make them with sae_nb.data.tokenize_corpus.")
-        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-            raise SaeNbError(f"tokens have dtype {tokens.dtype}; token ids must be integers (torch.long): "
-                             "make them with sae_nb.data.tokenize_corpus, or convert with tokens.long().")
-        if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
-            raise SaeNbError(f"tokens have shape {tuple(tokens.shape)}; need a non-empty [n_windows, context_size] "
-                             "tensor: tokenize a non-empty corpus with sae_nb.data.tokenize_corpus.")
-        n_ctx, d_vocab = model.cfg.n_ctx, model.cfg.d_vocab
-        if tokens.shape[1] > n_ctx:
-            raise SaeNbError(f"Windows of {tokens.shape[1]} tokens are longer than the model's context "
-                             f"(n_ctx={n_ctx}): tokenize with context_size <= {n_ctx}.")
-        if exclude_bos and tokens.shape[1] < 2:
-            raise SaeNbError("Windows of 1 token leave no rows once BOS is excluded: use longer windows or exclude_bos=False.")
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= d_vocab:
-            raise SaeNbError(f"Token ids range over {lo}..{hi}, outside the model's vocabulary 0..{d_vocab - 1}: "
-                             "tokenize with this model's tokenizer.")
-        bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
-        if exclude_bos and bos is not None and not bool((tokens[:, 0] == bos).all()):
-            raise SaeNbError("exclude_bos=True drops column 0, but not every window starts with the BOS token: "
-                             "tokenize with tokenize_corpus(..., prepend_bos=True), or pass exclude_bos=False.")
-        return tokens.to(torch.long).cpu()
 
     def _setup(self, source, batch_size, buffer_size, shuffle, seed, loop, device, dtype, rank, world_size,
                show_progress):
@@ -175,19 +168,32 @@ class ActivationStore:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise SaeNbError(f"batch_size={batch_size!r}: use a positive integer such as 4096.")
         smallest = max(batch_size + rpw, 2 * rpw)
+        asked = buffer_size
         if buffer_size is None: buffer_size = max(16 * batch_size, smallest)
-        if not isinstance(buffer_size, int) or buffer_size < smallest:
+        if not isinstance(buffer_size, int) or isinstance(buffer_size, bool) or buffer_size < smallest:
             raise SaeNbError(f"buffer_size={buffer_size!r} rows is too small for batch_size={batch_size} with "
                              f"{rpw} rows per window: use buffer_size >= {smallest} (or leave it None: 16 * batch_size).")
+        # never more rows than this rank's windows hold plus one batch: the rest of a bigger buffer would never fill
+        buffer_size = min(buffer_size, max(smallest, len(self._windows) * rpw + batch_size))
         if not isinstance(seed, int): raise SaeNbError(f"seed={seed!r}: use an integer.")
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise SaeNbError(f"dtype={dtype!r}: use a floating torch dtype such as torch.float32.")
         self.batch_size, self.buffer_size, self.shuffle, self.seed, self.loop = batch_size, buffer_size, shuffle, seed, loop
         self.device, self.dtype, self.show_progress = get_device(device), dtype, show_progress
         self._group = source.model_batch_size  # windows per forward pass, on a fixed grid of the stream
+        self._buffer_size_asked = asked  # what the caller passed (None: default), for load_state_dict
+        self._check_buffer_memory(buffer_size)
         self._buffer = None  # allocated on the first refill
         self._bar = None
         self.reset()
+
+    def _check_buffer_memory(self, buffer_size: int):
+        "Refuse, before allocating, a buffer (plus one model batch of rows) larger than the memory of the store's device."
+        row_bytes = self.d_in * torch.empty(0, dtype=self.dtype).element_size()
+        need = (buffer_size + self._group * self.rows_per_window) * row_bytes + 16 * buffer_size  # + 2 int64 slot tables
+        check_fits_in_memory(need, f"The store's mixing buffer ({buffer_size:,} rows of {self.d_in} x "
+                             f"{str(self.dtype).removeprefix('torch.')}, plus one model batch of rows and slot tables) would",
+                             self.device, fix=f"use a smaller batch_size (now {self.batch_size}) or buffer_size (now {buffer_size})")
 
     @property
     def d_in(self) -> int: "Width of an activation row." ; return self._source.d_in
@@ -196,7 +202,9 @@ class ActivationStore:
     @property
     def context_size(self) -> int: "Tokens per window." ; return self._source.context_size
     @property
-    def rows_per_window(self) -> int: "Activation rows per window (context_size, minus 1 without BOS)." ; return self._source.rows_per_window
+    def rows_per_window(self) -> int: "Activation rows per window (context_size, minus 1 when column 0 is BOS)." ; return self._source.rows_per_window
+    @property
+    def bos_excluded(self) -> bool: "Whether column 0 (BOS in every window) is left out of the rows." ; return self.rows_per_window < self.context_size
     @property
     def n_windows(self) -> int: "Windows this rank owns." ; return len(self._windows)
     @property
@@ -302,6 +310,41 @@ def _step(self: ActivationStore, compute: bool = True):
     self._rows_yielded += len(take)
     return self._buffer[take.to(self.device)] if compute else take
 
+# %% ../nbs/03_activations.ipynb #3005835b
+_STATE_COUNTERS = ("windows_added", "rows_yielded", "refills")
+_MAX_REPLAY_BATCHES = 10**8  # about an hour of replay bookkeeping; 4e11 rows at batch 4096, far past any SAE run
+
+def _state_counters(store, # the store being resumed (its settings already match the state's)
+                    state: dict, # from `state_dict()`
+                    buffer_size: int, # the buffer size the replay will use
+                   ) -> dict:
+    "The state's counters as ints, or one `SaeNbError` naming the first one that is impossible for this store."
+    def bad(field: str, why: str) -> SaeNbError:
+        return SaeNbError(f"The saved store state's {field}={state.get(field)!r} is impossible for this store: {why}. "
+                          "The state is damaged: resume from an earlier checkpoint, or start the run over.")
+    c = {}
+    for k in _STATE_COUNTERS:
+        v = state.get(k)
+        if isinstance(v, float) and v.is_integer() and abs(v) < 2**53: v = int(v)  # 12.0 from a lax JSON writer
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0: raise bad(k, "not a whole number >= 0")
+        c[k] = v
+    rpw, bs, added, done, refills = store.rows_per_window, store.batch_size, c["windows_added"], c["rows_yielded"], c["refills"]
+    if not store.loop and added > store.n_windows:
+        raise bad("windows_added", f"a single pass (loop=False) has only {store.n_windows} windows")
+    waiting = added * rpw - done  # rows fed into the buffer and not yet yielded
+    if waiting < 0:
+        raise bad("rows_yielded", f"more rows than the windows_added={added} windows fed into the buffer hold ({added * rpw})")
+    if waiting > buffer_size:
+        raise bad("windows_added", f"with rows_yielded={done} it leaves {waiting} rows waiting, more than the buffer's {buffer_size}")
+    if done % bs and not (not store.loop and done == store.n_tokens):
+        raise bad("rows_yielded", f"not a whole number of batches of {bs} (only the end of a single pass can be partial)")
+    if refills > added or (added and not refills) or added > refills * (buffer_size // rpw):
+        raise bad("refills", f"{added} windows go into the buffer in 1 to {buffer_size // rpw} windows per refill")
+    if done // bs > _MAX_REPLAY_BATCHES:
+        raise bad("rows_yielded", f"replaying {done // bs:,} batches of {bs} would take hours "
+                  f"(at most {_MAX_REPLAY_BATCHES:,} are replayed)")
+    return c
+
 # %% ../nbs/03_activations.ipynb #13a61da4
 @_method_of(ActivationStore, "state_dict")
 def _state_dict(self: ActivationStore) -> dict:
@@ -319,17 +362,35 @@ def _load_state_dict(self: ActivationStore,
     "Continue exactly where the store that made `state` was (same settings needed); recomputes the buffered rows."
     if not isinstance(state, dict) or state.get("kind") != "sae_nb.ActivationStore":
         raise SaeNbError("Not an ActivationStore state: pass what store.state_dict() returned.")
-    diff = [f"{k}: saved {state.get(k)!r}, here {getattr(self, k)!r}" for k in _STATE_KEYS if state.get(k) != getattr(self, k)]
+    saved_b, smallest = state.get("buffer_size"), max(self.batch_size + self.rows_per_window, 2 * self.rows_per_window)
+    # a buffer size this store derived (default, or capped by the data) yields to the saved one: older states resume
+    adopt = (saved_b != self.buffer_size and self._buffer_size_asked in (None, saved_b) and isinstance(saved_b, int)
+             and not isinstance(saved_b, bool) and saved_b >= smallest)
+    diff = [f"{k}: saved {state.get(k)!r}, here {getattr(self, k)!r}" for k in _STATE_KEYS
+            if state.get(k) != getattr(self, k) and not (k == "buffer_size" and adopt)]
     if diff:
         raise SaeNbError("This store's settings differ from the saved state's (" + "; ".join(diff) +
                          "): build the store with the same tokens and arguments as the one that saved it.")
-    target = int(state["rows_yielded"])
+    buffer_size = saved_b if adopt else self.buffer_size
+    c = _state_counters(self, state, buffer_size)
+    if adopt:
+        self._check_buffer_memory(buffer_size)
+        self.buffer_size, self._buffer = buffer_size, None
     self.reset()
-    while self._rows_yielded < target:
+    while self._rows_yielded < c["rows_yielded"]:  # bookkeeping only; stops at the first counter past the saved one
         if self._step(compute=False) is None: break
-    if (self._rows_yielded, self._windows_added, self._refills) != (target, state["windows_added"], state["refills"]):
-        raise SaeNbError("The saved state does not match a replay of this store (different tokens or settings?): "
-                         "build the store with the same tokens and arguments as the one that saved it.")
+        for k, v in (("windows_added", self._windows_added), ("refills", self._refills)):
+            if v > c[k]:
+                raise SaeNbError(f"The saved store state's {k}={c[k]} is behind a replay of this store ({v} before "
+                                 f"rows_yielded={c['rows_yielded']} is reached): the state does not come from this store "
+                                 "(different tokens or settings?) or is damaged; build the store with the same tokens and "
+                                 "arguments as the one that saved it, or start over.")
+    got = {"rows_yielded": self._rows_yielded, "windows_added": self._windows_added, "refills": self._refills}
+    if got != c:
+        raise SaeNbError("The saved state does not match a replay of this store (" +
+                         "; ".join(f"{k}: saved {c[k]}, replay {got[k]}" for k in got if got[k] != c[k]) +
+                         "): the state comes from other tokens or settings, or is damaged; build the store with the same "
+                         "tokens and arguments as the one that saved it, or start over.")
     self._fill_waiting_rows()
 
 @_method_of(ActivationStore, "_fill_waiting_rows")
@@ -361,27 +422,51 @@ def _aside_path(folder: Path) -> Path:
     "Where `_replace_folder` moves an existing `folder` while the new one is renamed in (a hidden sibling)."
     return folder.with_name(f".{folder.name}.old")
 
+def _real_folder(folder: str | Path) -> Path:
+    "`folder`, or the folder it links to when `folder` itself is a symbolic link (the link keeps pointing at it)."
+    folder = Path(folder)
+    return Path(os.path.realpath(folder)) if folder.is_symlink() else folder
+
+def _remove_aside(aside: Path) -> None:
+    "Remove an old folder left aside; a symbolic link there (an older sae_nb renamed a linked folder's link) loses only the link."
+    if aside.is_symlink():
+        warnings.warn(f"Removing {aside}, a link to {os.readlink(aside)} left by an earlier overwrite through a symbolic "
+                      "link; the folder it points to is not touched.")
+        aside.unlink()
+    elif aside.exists(): shutil.rmtree(aside)
+
 def _replace_folder(new: Path, # a complete folder on the same file system, e.g. a temporary sibling of `folder`
-                    folder: Path, # where it goes; a folder already there is replaced
+                    folder: Path, # where it goes; a folder already there is replaced (a link: the folder it points to)
                    ) -> Path:
     "Rename `new` to `folder`; an existing `folder` is moved aside first and removed last (see `_live_folder`)."
+    folder = _real_folder(folder)
     aside = _aside_path(folder)
     if folder.exists():
-        if aside.exists(): shutil.rmtree(aside)  # leftover of an earlier interrupted swap: `folder` is the live one
+        _remove_aside(aside)  # leftover of an earlier interrupted swap: `folder` is the live one
         os.replace(folder, aside)
     os.replace(new, folder)  # (a kill just before this leaves `folder` missing and the old one at `aside`)
-    if aside.exists(): shutil.rmtree(aside)
+    _remove_aside(aside)
     return folder
 
 def _live_folder(folder: Path) -> Path:
     "`folder`, or the old copy an interrupted `_replace_folder` left aside when `folder` itself is missing."
     aside = _aside_path(folder)
-    return aside if not folder.exists() and aside.is_dir() else folder
+    return aside if not folder.exists() and aside.is_dir() and not aside.is_symlink() else folder
+
+def _check_not_linked(path: Path, # a file inside a cache folder
+                      folder: Path, # the (real) cache folder
+                     ) -> None:
+    "Refuse a cache file that is a symbolic link or resolves outside the cache folder: a cache holds its own files."
+    if path.is_symlink() or (path.exists() and path.resolve().parent != folder.resolve()):
+        target = f" (to {os.readlink(path)})" if path.is_symlink() else ""
+        raise SaeNbError(f"{path} is a symbolic link{target} or lies outside the cache folder {folder}: a cache never "
+                         "follows links out of its folder; put the file itself there (cp --remove-destination TARGET "
+                         "LINK) or make the cache again with save_cache.")
 
 # %% ../nbs/03_activations.ipynb #f26d4162
 @_method_of(ActivationStore, "save_cache")
 def _save_cache(self: ActivationStore,
-               folder: str | Path, # the cache folder (created; replaced as a whole with `overwrite=True`)
+               folder: str | Path, # the cache folder (created; replaced as a whole with `overwrite=True`; a link: its target)
                max_tokens: int | None = None, # at most this many rows (whole windows); None: all of this rank's
                shard_mb: int = 256, # about this many MB per shard file
                overwrite: bool = False, # replace an existing cache in `folder`
@@ -389,7 +474,7 @@ def _save_cache(self: ActivationStore,
     "Write this rank's activation rows, in stream order, to safetensors shards plus a `metadata.json`, swapped in atomically."
     if not isinstance(self._source, _ModelSource):
         raise SaeNbError("This store already reads a cache: copy the folder instead of saving it again.")
-    folder = Path(folder)
+    folder = _real_folder(folder)  # a link to a folder: write the folder it points to, the link stays
     if folder.exists() and not folder.is_dir():
         raise SaeNbError(f"{folder} is a file, not a folder: pass a folder path for the cache.")
     if (_live_folder(folder) / "metadata.json").is_file() and not overwrite:
@@ -431,6 +516,7 @@ def _save_cache(self: ActivationStore,
         meta = {"format": CACHE_FORMAT, "format_version": 1, "sae_nb_version": sae_nb.__version__,
                 "model_name": self.model_name, "hook_name": self.hook_name, "d_in": d_in,
                 "context_size": self.context_size, "rows_per_window": rpw, "exclude_bos": self.exclude_bos,
+                "bos_excluded": self.bos_excluded,
                 "dtype": str(self.dtype).removeprefix("torch."), "n_windows": n_windows, "n_tokens": n_windows * rpw,
                 "rank": self.rank, "world_size": self.world_size,
                 "corpus_fingerprint": corpus_fingerprint(self.tokens[written]), "shards": shards}
@@ -505,9 +591,13 @@ def _check_cache_fields(meta, path: Path) -> None:
         if kind is int and v < 1: raise bad(f"field {key!r} is {v}, not a positive integer")
     if meta["dtype"] not in _ST_DTYPES.values():
         raise bad(f"dtype {meta['dtype']!r} is not one of {sorted(_ST_DTYPES.values())}")
-    if meta["rows_per_window"] != meta["context_size"] - int(meta["exclude_bos"]):
+    # whether column 0 was dropped; caches written before `bos_excluded` existed always dropped it with exclude_bos
+    dropped = meta.get("bos_excluded", meta["exclude_bos"])
+    if not isinstance(dropped, bool): raise bad(f"field 'bos_excluded' is {dropped!r} ({type(dropped).__name__}), not bool")
+    if dropped and not meta["exclude_bos"]: raise bad("bos_excluded is true but exclude_bos is false")
+    if meta["rows_per_window"] != meta["context_size"] - int(dropped):
         raise bad(f"rows_per_window={meta['rows_per_window']} contradicts context_size={meta['context_size']} with "
-                  f"exclude_bos={meta['exclude_bos']} (expected {meta['context_size'] - int(meta['exclude_bos'])})")
+                  f"bos_excluded={dropped} (expected {meta['context_size'] - int(dropped)})")
     if not meta["shards"]: raise bad("the shard list is empty")
     for i, s in enumerate(meta["shards"]):
         if not isinstance(s, dict): raise bad(f"shards[{i}] is {s!r}, not an object with 'file' and 'rows'")
@@ -523,6 +613,7 @@ def _read_cache_metadata(folder: Path, expect_model, expect_hook) -> dict:
     "The cache's metadata, checked field by field, against the shards' headers and the caller's expectations."
     from safetensors import safe_open
     path = folder / "metadata.json"
+    _check_not_linked(path, folder)
     if not path.is_file():
         raise SaeNbError(f"{folder} is not an activation cache (no metadata.json; an interrupted save_cache leaves "
                          "none): make one with store.save_cache(folder).")
@@ -543,6 +634,7 @@ def _read_cache_metadata(folder: Path, expect_model, expect_hook) -> dict:
     total = 0
     for s in meta["shards"]:
         shard = folder / s["file"]
+        _check_not_linked(shard, folder)
         if not shard.is_file():
             raise SaeNbError(f"{shard}: shard listed in metadata.json is missing: the cache is incomplete, "
                              "make it again with save_cache.")
@@ -565,9 +657,9 @@ def _read_cache_metadata(folder: Path, expect_model, expect_hook) -> dict:
     return meta
 
 def _from_cache(cls,
-               folder: str | Path, # a folder written by `save_cache`
+               folder: str | Path, # a folder written by `save_cache` (or a link to one)
                batch_size: int = 4096, # activation rows per batch
-               buffer_size: int | None = None, # rows in the mixing buffer; None: 16 * batch_size
+               buffer_size: int | None = None, # rows in the mixing buffer; None: 16 * batch_size (both capped by the data)
                expect_model: str | None = None, # refuse a cache of another model (compared with `model.cfg.model_name`)
                expect_hook: str | None = None, # refuse a cache of another hook
                shuffle: bool = True, # mix rows in the buffer; False yields them in stream order
@@ -580,7 +672,7 @@ def _from_cache(cls,
                show_progress: bool = True, # tqdm progress bar while reading
               ) -> ActivationStore:
     "A store that streams a cache folder's rows (checked against its metadata) instead of running a model."
-    folder = Path(folder)
+    folder = _real_folder(folder)  # a link to a cache: read the folder it points to
     live = _live_folder(folder)
     if live != folder:
         warnings.warn(f"{folder} is missing: a save_cache(overwrite=True) was interrupted after moving the old cache "

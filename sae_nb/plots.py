@@ -22,7 +22,8 @@ from transformer_lens import HookedTransformer
 # %% ../nbs/07_plots.ipynb #f4742cea
 from .config import SaeNbError
 from .models import check_hook_name
-from .eval import bos_token_id, counted_positions, _stop_layer, _no_padding_kwargs
+from .data import bos_token_id, counted_positions
+from .eval import _stop_layer, _no_padding_kwargs
 
 # %% ../nbs/07_plots.ipynb #9292f35d
 def _numpy(x) -> np.ndarray:

@@ -21,7 +21,8 @@ from transformer_lens import HookedTransformer
 # %% ../nbs/08_widgets.ipynb #c1e4f6e5
 from .config import SaeNbError
 from .models import check_hook_name
-from .eval import bos_token_id, counted_positions, _as_token_batch, _broadcast_mask, _no_padding_kwargs, _stop_layer
+from .data import bos_token_id, counted_positions
+from .eval import _as_token_batch, _broadcast_mask, _no_padding_kwargs, _stop_layer
 from .plots import (feature_activations, top_activating_examples, plot_top_activations, plot_activation_histogram,
                           feature_logit_effects, plot_logit_effects)
 
