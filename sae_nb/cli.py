@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 # %% ../nbs/10_cli.ipynb #d26b4f66
-from .config import LOCK_NAME, SaeNbError, atomic_path, folder_lock, get_device, in_test, read_json, write_json_atomic
+from .config import LOCK_NAME, SaeNbError, atomic_path, check_fits_in_memory, folder_lock, get_device, in_test, read_json, write_json_atomic
 from .models import EMBEDDED_MODELS, check_hook_name, load_model
 from .data import CORPORA, bos_token_id, load_corpus, tokenize_corpus
 from .activations import ActivationStore
-from .sae import ARCHITECTURES, SAE, SAE_CFG_FILENAME, SAEConfig, check_fits_in_memory, _config_from_saelens_dict
+from .sae import ARCHITECTURES, SAE, SAE_CFG_FILENAME, SAEConfig, _config_from_saelens_dict
 from .train import TrainConfig, init_data_parallel, latest_checkpoint, run_folder_state, train_sae
 from .eval import evaluate, roundtrip
 

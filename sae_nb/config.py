@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['LOCK_NAME', 'SaeNbError', 'in_test', 'get_device', 'seed_everything', 'atomic_path', 'write_json_atomic',
-           'parse_json', 'read_json', 'save_safetensors_atomic', 'load_safetensors_checked', 'folder_lock']
+           'parse_json', 'read_json', 'save_safetensors_atomic', 'load_safetensors_checked', 'folder_lock',
+           'check_fits_in_memory']
 
 # %% ../nbs/00_config.ipynb #34d04f92
 import contextlib
@@ -173,3 +174,30 @@ def folder_lock(folder: str | Path, # the folder to own (created if missing)
     finally:
         del _held_locks[key]
         fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
+
+# %% ../nbs/00_config.ipynb #4ace3c00
+def _gb(n: int) -> str: return f"{n / 1e9:.3g} GB"
+
+def _physical_memory() -> int | None:
+    "Bytes of physical memory (POSIX `sysconf`), None where unknown."
+    try: n = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError): return None
+    return n if n > 0 else None
+
+def check_fits_in_memory(n_bytes: int, # bytes about to be allocated
+                         what: str, # the subject of "need N GB" in the message, e.g. "The SAE's weights" or "Training it would"
+                         device: str | torch.device = "cpu", # where they will live
+                         fix: str = "use smaller sizes (e.g. a smaller d_sae), a narrower dtype, or a device with more memory", # what to do instead
+                        ) -> None:
+    "Raise `SaeNbError` with the figures when `n_bytes` cannot fit on `device` (CPU: physical memory; CUDA: free memory); silent where unknown."
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dev)
+        avail = free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # torch's cache is reusable
+        where = f"{dev} has {_gb(avail)} free of {_gb(total)}"
+    elif dev.type == "cpu":
+        avail = _physical_memory()
+        if avail is None: return
+        where = f"this machine has {_gb(avail)} of memory"
+    else: return  # mps, meta...: no reliable figure
+    if n_bytes > avail: raise SaeNbError(f"{what} need {_gb(n_bytes)} ({n_bytes:,} bytes) but {where}: {fix}.")

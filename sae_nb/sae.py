@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'DTYPES', 'SAE_CFG_FILENAME', 'SAE_WEIGHTS_FILENAME', 'NORMALIZE_ACTIVATIONS', 'RESHAPE_ACTIVATIONS',
-           'SAE_CLASSES', 'SAEConfig', 'check_fits_in_memory', 'SAE', 'geometric_median', 'StandardSAE', 'auxk_loss',
-           'TopKSAE', 'BatchTopKSAE', 'JumpReLUFunction', 'StepFunction', 'JumpReLUSAE']
+           'SAE_CLASSES', 'SAEConfig', 'SAE', 'geometric_median', 'StandardSAE', 'auxk_loss', 'TopKSAE', 'BatchTopKSAE',
+           'JumpReLUFunction', 'StepFunction', 'JumpReLUSAE']
 
 # %% ../nbs/04_sae.ipynb #9953484e
 import contextlib
@@ -26,7 +26,7 @@ from torch import nn
 
 # %% ../nbs/04_sae.ipynb #f211188c
 from .config import (SaeNbError, get_device, write_json_atomic, read_json, parse_json, save_safetensors_atomic,
-                           load_safetensors_checked, LOCK_NAME)
+                           load_safetensors_checked, LOCK_NAME, check_fits_in_memory)
 
 # %% ../nbs/04_sae.ipynb #d240e963
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
@@ -122,33 +122,6 @@ class SAEConfig:
         return cls(**d)
 
 # %% ../nbs/04_sae.ipynb #04850ebc
-def _gb(n: int) -> str: return f"{n / 1e9:.3g} GB"
-
-def _physical_memory() -> int | None:
-    "Bytes of physical memory (POSIX `sysconf`), None where unknown."
-    try: n = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError): return None
-    return n if n > 0 else None
-
-def check_fits_in_memory(n_bytes: int, # bytes about to be allocated
-                         what: str, # the subject of "need N GB" in the message, e.g. "The SAE's weights" or "Training it would"
-                         device: str | torch.device = "cpu", # where they will live
-                        ) -> None:
-    "Raise `SaeNbError` with the figures when `n_bytes` cannot fit on `device` (CPU: physical memory; CUDA: free memory); silent where unknown."
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        free, total = torch.cuda.mem_get_info(dev)
-        avail = free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # torch's cache is reusable
-        where = f"{dev} has {_gb(avail)} free of {_gb(total)}"
-    elif dev.type == "cpu":
-        avail = _physical_memory()
-        if avail is None: return
-        where = f"this machine has {_gb(avail)} of memory"
-    else: return  # mps, meta...: no reliable figure
-    if n_bytes > avail:
-        raise SaeNbError(f"{what} need {_gb(n_bytes)} but {where}: use smaller sizes (e.g. a smaller d_sae), a narrower "
-                         "dtype, or a device with more memory.")
-
 def _sae_bytes(cfg) -> tuple:
     "`(cpu_bytes, device_bytes)` an SAE of `cfg` allocates when built: float64 init temporaries on the CPU, weights on its device."
     n, size = cfg.d_in * cfg.d_sae, DTYPES[cfg.dtype].itemsize

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sae_nb.config import SaeNbError
-from sae_nb.sae import SAE, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SAEConfig, check_fits_in_memory
+from sae_nb.config import check_fits_in_memory
+from sae_nb.sae import SAE, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ def test_malformed_json_in_the_weights_header_is_a_clear_error(tmp_path, text, p
 @pytest.mark.parametrize("d_in,d_sae", [(4096, 100_000_000), (10 ** 7, 10 ** 7)])
 def test_an_sae_too_big_for_memory_is_refused_with_the_figure_before_allocating(d_in, d_sae):
     "Before: a multi-TB allocation traceback from torch (RuntimeError)."
-    with pytest.raises(SaeNbError, match=r"d_sae=.*would need [0-9.e+]+ GB but this machine has [0-9.e+]+ GB"):
+    with pytest.raises(SaeNbError, match=r"d_sae=.*would need [0-9.e+]+ GB \([0-9,]+ bytes\) but this machine has [0-9.e+]+ GB"):
         SAE.from_config(SAEConfig("standard", d_in, d_sae))
 
 
