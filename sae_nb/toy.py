@@ -29,7 +29,7 @@ import torch.nn as nn
 from plotly.subplots import make_subplots
 
 from .config import SaeNbError, in_test, get_device, seed_everything
-from .sae import ARCHITECTURES, SAE, SAEConfig
+from .sae import ARCHITECTURES, ARCHITECTURES_WITH_K, SAE, SAEConfig
 from .train import TrainConfig, train_sae
 
 # %% ../nbs/09_superposition.ipynb #1d6772d5
@@ -503,20 +503,21 @@ def train_on_ground_truth(gt: GroundTruth, # training samples and planted featur
     stats = sae_activation_stats(sae, gt.acts if eval_acts is None else eval_acts)
     rec = feature_recovery(gt.true_features, sae.W_dec, alive=stats["alive"], threshold=threshold)
     row = dict(architecture=sae_cfg.architecture, k=sae_cfg.k,
-               l1_coefficient=None if sae_cfg.architecture in ("topk", "batchtopk") else train_cfg.l1_coefficient,
+               l1_coefficient=None if sae_cfg.architecture in ARCHITECTURES_WITH_K else train_cfg.l1_coefficient,
                mmcs=rec["mmcs"], recovered_frac=rec["recovered_frac"], unmatched_learned_frac=rec["unmatched_learned_frac"],
                dead_frac=rec["n_dead"] / sae_cfg.d_sae, l0=stats["l0"], explained_variance=stats["explained_variance"],
                train_seconds=seconds, max_cos=rec["max_cos"])
     return sae, row
 
 # %% ../nbs/09_superposition.ipynb #d535cf65
-DEFAULT_SPARSITY_COEFFICIENTS = {"standard": 0.3, "jumprelu": 0.03}  # L1 / L0 weights tuned on the 512-in-128 benchmark
+DEFAULT_SPARSITY_COEFFICIENTS = {"standard": 0.3, "jumprelu": 0.03,  # L1 / L0 weights tuned on the 512-in-128 benchmark
+                                 "gated": 1.0}  # gate L1, tuned on the 128-in-32 one (0.3: L0 14; 0.5: L0 5.6, MMCS 0.95; 1.0: L0 2.4, MMCS 0.98)
 TABLE_COLUMNS = ["architecture", "k", "l1_coefficient", "mmcs", "recovered_frac", "unmatched_learned_frac", "dead_frac",
                  "l0", "explained_variance", "train_seconds"]
 
 def _sae_config(arch: str, d: int, d_sae: int, k) -> SAEConfig:
     if arch not in ARCHITECTURES: raise SaeNbError(f"Unknown architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}.")
-    return SAEConfig(architecture=arch, d_in=d, d_sae=d_sae, k=k if arch in ("topk", "batchtopk") else None)
+    return SAEConfig(architecture=arch, d_in=d, d_sae=d_sae, k=k if arch in ARCHITECTURES_WITH_K else None)  # matryoshka: default widths
 
 def _mean_active(gt: GroundTruth) -> float: return gt.coefficients._nnz() / gt.acts.shape[0]
 
@@ -525,8 +526,8 @@ def recovery_benchmark(gt: GroundTruth, # training samples and planted features 
                        eval_acts: torch.Tensor | None = None, # held-out samples for L0 / EV / alive features; None: the training samples
                        architectures: Sequence[str] = ARCHITECTURES, # which sae_nb architectures to train
                        expansion: int = 8, # d_sae = expansion * d
-                       k: int | None = None, # topk / batchtopk k; None: the mean number of active true features, rounded
-                       sparsity_coefficients: dict | None = None, # architecture -> L1 (standard) / L0 (jumprelu) weight
+                       k: int | None = None, # k of topk / batchtopk / matryoshka_batchtopk; None: the mean number of active true features, rounded
+                       sparsity_coefficients: dict | None = None, # architecture -> L1 (standard, gated) / L0 (jumprelu) weight
                        cpu_threads: int | None = None, # torch CPU threads while training (None: unchanged)
                       ) -> tuple:
     "Train each architecture on the same ground truth; returns `(table, details)`: a DataFrame and per-architecture `(sae, row)`."
@@ -560,7 +561,7 @@ def plot_max_cos(max_cos: dict, # label -> [n_features] best cosine per true fea
 # %% ../nbs/09_superposition.ipynb #7ce2e19c
 def recovery_sweep(gt: GroundTruth, # training samples and planted features
                    architecture: str, # one sae_nb architecture
-                   values: Sequence[float], # k (topk / batchtopk) or sparsity coefficient (standard / jumprelu) per run
+                   values: Sequence[float], # k (topk / batchtopk / matryoshka_batchtopk) or sparsity coefficient (standard / jumprelu / gated) per run
                    train_cfg: TrainConfig, # shared train_sae settings
                    eval_acts: torch.Tensor | None = None, # held-out samples; None: the training samples
                    expansion: int = 8, # d_sae = expansion * d
@@ -568,7 +569,7 @@ def recovery_sweep(gt: GroundTruth, # training samples and planted features
                   ) -> pd.DataFrame:
     "Train one architecture at several sparsity settings; a table like `recovery_benchmark`'s, one row per value."
     d = gt.acts.shape[1]
-    uses_k = architecture in ("topk", "batchtopk")
+    uses_k = architecture in ARCHITECTURES_WITH_K
     configs = [(_sae_config(architecture, d, expansion * d, (int(v) if architecture == "topk" else v) if uses_k else None),
                 train_cfg if uses_k else dataclasses.replace(train_cfg, l1_coefficient=float(v))) for v in values]
     rows = []
@@ -584,9 +585,9 @@ def plot_recovery_vs_l0(table: pd.DataFrame, # rows with architecture, l0, mmcs,
     missing = {"architecture", "l0", "mmcs", "recovered_frac"} - set(table.columns)
     if missing: raise SaeNbError(f"plot_recovery_vs_l0: the table lacks columns {sorted(missing)}; pass the output of recovery_sweep.")
     fig = go.Figure()
-    colors = dict(zip(ARCHITECTURES, ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]))
+    colors = dict(zip(ARCHITECTURES, ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]))
     for arch, part in table.sort_values("l0").groupby("architecture", sort=False):
-        knob = part["k"] if arch in ("topk", "batchtopk") else part["l1_coefficient"]
+        knob = part["k"] if arch in ARCHITECTURES_WITH_K else part["l1_coefficient"]
         for col, dash in (("mmcs", "solid"), ("recovered_frac", "dash")):
             fig.add_trace(go.Scatter(x=part["l0"], y=part[col], mode="lines+markers", name=f"{arch} {col}",
                                      line=dict(color=colors.get(arch), dash=dash), customdata=knob,

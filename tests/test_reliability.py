@@ -580,10 +580,12 @@ FUZZ_SAES = {}
 def _fuzz_base(arch):
     "Bytes of a valid saved SAE folder of each architecture (tiny, non-trivial values), made once."
     if arch not in FUZZ_SAES:
-        k = {"topk": 3, "batchtopk": 2}.get(arch)
+        k = {"topk": 3, "batchtopk": 2, "matryoshka_batchtopk": 2}.get(arch)
         sae = SAE.from_config(SAEConfig(architecture=arch, d_in=6, d_sae=10, k=k, hook_name=HOOK, model_name="glassllm-en"),
                               generator=torch.Generator().manual_seed(1))
-        with torch.no_grad(): sae.b_enc.uniform_(-0.1, 0.1); sae.b_dec.uniform_(-1, 1)
+        with torch.no_grad():
+            for n in sae.norm_scaled: getattr(sae, n).uniform_(-0.1, 0.1)  # b_enc; gated: its gate and magnitude vectors
+            sae.b_dec.uniform_(-1, 1)
         with tempfile.TemporaryDirectory() as d:
             sae.save(Path(d) / "s")
             FUZZ_SAES[arch] = {n: (Path(d) / "s" / n).read_bytes() for n in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME)}
@@ -709,7 +711,7 @@ def assert_valid_sae(sae):
     cfg = SAEConfig.from_dict(sae.cfg.to_dict())
     assert sae.architecture == cfg.architecture
     shapes = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_in), "b_enc": (cfg.d_sae,), "b_dec": (cfg.d_in,),
-              "threshold": (cfg.d_sae,)}
+              "threshold": (cfg.d_sae,), "b_gate": (cfg.d_sae,), "b_mag": (cfg.d_sae,), "r_mag": (cfg.d_sae,)}
     for n in sae.tensor_names:
         t = getattr(sae, n)
         # thresholds stay float32 (or wider) whatever the SAE's dtype: a bf16 threshold cannot learn
