@@ -146,7 +146,7 @@ def test_eval_defaults_to_the_saes_hook(tmp_path):
     code, stdout, err = run("eval", out / "sae", "--context-size", 32, "--tokens", 256)
     assert code == 0, err
     assert "blocks.1.mlp.hook_post" in stdout
-    ev = float(next(l for l in stdout.splitlines() if "explained_variance" in l).split()[-1])
+    ev = float(next(l for l in stdout.splitlines() if "explained_variance" in l).split()[1])  # "name value ± se"
     assert ev > 0.1, stdout   # on the default hook (blocks.0) it was ~0.004
 
 
