@@ -345,15 +345,22 @@ def _apply_resume_settings(args, given: set) -> Path | None:
     return ck
 
 # %% ../nbs/10_cli.ipynb #970f0640
+def _training_bytes(d_in: int, # the hook's width
+                    widths: list, # the d_sae of every SAE trained at once
+                    batch_size: int, # activation rows per step
+                   ) -> int:
+    "Bytes (float32) of training SAEs at once: weights, gradients and Adam's two moments; each SAE's batch of features and activations; the store's buffer."
+    floats = sum(4 * (2 * d_in * w + 2 * w + d_in) + 3 * batch_size * (d_in + w) for w in widths) + 16 * batch_size * d_in
+    return 4 * floats
+
 def _check_train_memory(d_in: int, # the hook's width
                         d_sae: int, # the SAE's width
                         batch_size: int, # activation rows per step
                         device, # where training runs
                        ):
     "Refuse (with the figure) a run whose SAE, optimizer state, batch and activation buffer cannot fit on `device`."
-    params = 2 * d_in * d_sae + 2 * d_sae + d_in
-    floats = 4 * params + 3 * batch_size * (d_in + d_sae) + 16 * batch_size * d_in
-    check_fits_in_memory(4 * floats, f"A {d_sae:,}-feature SAE on {d_in}-wide activations with --batch-size {batch_size:,} "
+    check_fits_in_memory(_training_bytes(d_in, [d_sae], batch_size),
+                         f"A {d_sae:,}-feature SAE on {d_in}-wide activations with --batch-size {batch_size:,} "
                          "(weights, gradients and Adam state; a batch's activations and features; the store's buffer) would",
                          device)
 
@@ -475,8 +482,8 @@ def _check_sweep_memory(d_in: int, # the hook's width
                         device, # where training runs
                        ):
     "Refuse (with the figure) a grid whose SAEs, all at once, with their Adam state and a batch of features, cannot fit on `device`."
-    floats = sum(4 * (2 * d_in * w + 2 * w + d_in) + 3 * batch_size * (d_in + w) for w in widths) + 16 * batch_size * d_in
-    check_fits_in_memory(4 * floats, f"The sweep's {len(widths)} SAEs of widths {min(widths):,}..{max(widths):,} on {d_in}-wide activations with "
+    check_fits_in_memory(_training_bytes(d_in, widths, batch_size),
+                         f"The sweep's {len(widths)} SAEs of widths {min(widths):,}..{max(widths):,} on {d_in}-wide activations with "
                          f"--batch-size {batch_size:,} (trained at once: weights, gradients and Adam state; a batch's features each; the store's buffer) would",
                          device, fix="sweep fewer or narrower SAEs at a time (shorter --k/--l1-coefficient/--expansion lists), or a smaller --batch-size")
 

@@ -11,18 +11,10 @@ import torch
 
 from sae_nb.activations import ActivationStore
 from sae_nb.config import SaeNbError
+from test_reliability import one_thread  # noqa: F401 (autouse fixture: one torch thread for tiny tensors)
 
 HOOK = "blocks.0.mlp.hook_post"  # glassllm-en: 341 wide
 CTX = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Tiny tensors: one thread is fastest on shared cores."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

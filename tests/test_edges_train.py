@@ -13,7 +13,7 @@ import torch
 from sae_nb.config import LOCK_NAME, SaeNbError, load_safetensors_checked, read_json, save_safetensors_atomic, write_json_atomic
 from sae_nb.sae import SAE, SAEConfig
 from sae_nb.train import (TrainConfig, TrainingInterrupted, latest_checkpoint, run_folder_state, train_sae)
-from test_reliability import CHILD_ENV, assert_same_sae, batches_of, make_data, one_thread  # noqa: F401 (fixture)
+from test_reliability import CHILD_ENV, InterruptingBatches, assert_same_sae, batches_of, make_data, one_thread  # noqa: F401 (fixture)
 
 TESTS = Path(__file__).resolve().parent
 CFG = SAEConfig(architecture="topk", d_in=16, d_sae=48, k=4)
@@ -215,20 +215,9 @@ def two_runs(tmp_path):
     for seed in (0, 1):
         out = tmp_path / f"run{seed}"
         with pytest.raises(KeyboardInterrupt):
-            train_sae(Interrupting(data(), 10), CFG, run_cfg(out, seed=seed, checkpoint_every=10))
+            train_sae(InterruptingBatches(data(), 10, "raise"), CFG, run_cfg(out, seed=seed, checkpoint_every=10))
         runs.append(out)
     return runs
-
-
-class Interrupting:
-    "Re-iterable batches whose first pass raises KeyboardInterrupt before batch `at`."
-    def __init__(self, batches, at): self.batches, self.at, self.fired = batches, at, False
-    def __iter__(self):
-        for i, b in enumerate(self.batches):
-            if i == self.at and not self.fired:
-                self.fired = True
-                raise KeyboardInterrupt
-            yield b
 
 
 @pytest.mark.parametrize("files, problem", [

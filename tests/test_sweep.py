@@ -12,7 +12,7 @@ import torch
 from sae_nb.config import SaeNbError, read_json
 from sae_nb.sae import SAE, SAEConfig
 from sae_nb.train import TrainConfig, TrainingInterrupted, latest_checkpoint, train_sae, train_saes
-from test_reliability import CHILD_ENV, assert_same_sae, batches_of, make_data, one_thread  # noqa: F401 (fixture)
+from test_reliability import CHILD_ENV, InterruptingBatches, assert_same_sae, batches_of, make_data, one_thread  # noqa: F401 (fixture)
 
 TESTS = Path(__file__).resolve().parent
 TOPK = SAEConfig(architecture="topk", d_in=16, d_sae=48, k=4)
@@ -41,17 +41,6 @@ class Counting:
     def __iter__(self):
         for b in self.batches:
             self.fetched += 1
-            yield b
-
-
-class Raising:
-    "Re-iterable batches whose first pass raises KeyboardInterrupt instead of yielding batch `at` (0-based)."
-    def __init__(self, batches, at): self.batches, self.at, self.fired = batches, at, False
-    def __iter__(self):
-        for i, b in enumerate(self.batches):
-            if i == self.at and not self.fired:
-                self.fired = True
-                raise KeyboardInterrupt("raised by the data")
             yield b
 
 
@@ -107,7 +96,7 @@ def test_each_sweep_point_equals_its_lone_run_on_an_activation_store(one_thread)
 def test_an_interrupted_set_resumes_to_the_uninterrupted_set(one_thread, tmp_path):
     straight = train_saes(data(), SET, run_cfg(tmp_path / "straight", checkpoint_every=5))
     with pytest.raises(TrainingInterrupted, match=r"interrupted after step 13; checkpoint step_13 written in each of the 2 run folders"):
-        train_saes(Raising(data(), 13), SET, run_cfg(tmp_path / "cut", checkpoint_every=5))
+        train_saes(InterruptingBatches(data(), 13, "raise"), SET, run_cfg(tmp_path / "cut", checkpoint_every=5))
     for name in ("topk", "standard"): assert latest_checkpoint(tmp_path / "cut" / name).name == "step_13"
     resumed = train_saes(data(), SET, run_cfg(tmp_path / "cut", checkpoint_every=5, resume=True))
     for (a, ha), (b, hb) in zip(straight, resumed):
@@ -117,7 +106,7 @@ def test_an_interrupted_set_resumes_to_the_uninterrupted_set(one_thread, tmp_pat
 def test_a_kill_between_two_saes_checkpoints_resumes_from_the_common_step(one_thread, tmp_path):
     straight = train_saes(data(), SET, run_cfg(tmp_path / "straight", checkpoint_every=5))
     with pytest.raises(TrainingInterrupted):
-        train_saes(Raising(data(), 13), SET, run_cfg(tmp_path / "cut", checkpoint_every=5))
+        train_saes(InterruptingBatches(data(), 13, "raise"), SET, run_cfg(tmp_path / "cut", checkpoint_every=5))
     # as if killed after the first SAE wrote step_13 and before the second did: its newest is step_10
     ck = tmp_path / "cut" / "standard" / "checkpoints"
     import shutil; shutil.rmtree(ck / "step_13"); (ck / "latest").write_text("step_10\n")
@@ -128,7 +117,7 @@ def test_a_kill_between_two_saes_checkpoints_resumes_from_the_common_step(one_th
 
 def test_resume_refuses_another_set(one_thread, tmp_path):
     with pytest.raises(TrainingInterrupted):
-        train_saes(Raising(data(), 7), SET, run_cfg(tmp_path / "cut", checkpoint_every=5))
+        train_saes(InterruptingBatches(data(), 7, "raise"), SET, run_cfg(tmp_path / "cut", checkpoint_every=5))
     other = [SET[0], (STANDARD, dict(name="other"))]
     with pytest.raises(SaeNbError, match=r"Cannot resume .*started with the SAEs \['topk', 'standard'\]"):
         train_saes(data(), other, run_cfg(tmp_path / "cut", resume=True))
