@@ -60,13 +60,27 @@ def _drops_bos_column(tokens: torch.Tensor, # `[n_windows, context_size]` token 
     return True
 
 # %% ../nbs/03_activations.ipynb #bcd849cf
+def _refuse_pattern_hook(hook_name: str):
+    "Refuse hooks that hold attention patterns instead of one activation per token."
+    if hook_name.endswith(("hook_pattern", "hook_attn_scores")):
+        raise SaeNbError(f"Hook {hook_name!r} holds attention patterns [batch, head, query, key], not one "
+                         "activation per token: pick a per-token hook such as blocks.0.mlp.hook_post or hook_z.")
+
 class _ModelSource:
-    "Activation rows of one hook for token windows, computed by running the model up to the hook."
-    def __init__(self, model, tokens, hook_name, drop_bos, model_batch_size):
-        self.model, self.tokens, self.hook_name = model, tokens, hook_name
+    "Activation rows of one hook (or of an input and an output hook, concatenated) for token windows, computed by running the model up to the hook(s)."
+    def __init__(self, model, tokens, hook_name, drop_bos, model_batch_size, hook_name_out=None):
+        self.model, self.tokens, self.hook_name, self.hook_name_out = model, tokens, hook_name, hook_name_out
         self.block = check_hook_name(model, hook_name)
+        if hook_name_out is not None:
+            if not isinstance(hook_name_out, str) or hook_name_out == hook_name:
+                raise SaeNbError(f"hook_name_out={hook_name_out!r}: pass the name of another hook (the target, e.g. "
+                                 "blocks.0.hook_mlp_out for input blocks.0.ln2.hook_normalized), or None for one hook.")
+            block_out = check_hook_name(model, hook_name_out)
         # hooks inside blocks (or before block 0) end with the block; others (ln_final...) run until the hook fires
-        self.stop_at_layer = self.block + 1 if (hook_name.startswith("blocks.") or self.block < 0) else None
+        names = [hook_name] + ([hook_name_out] if hook_name_out is not None else [])
+        blocks = [self.block] + ([block_out] if hook_name_out is not None else [])
+        inside = all(n.startswith("blocks.") or b < 0 for n, b in zip(names, blocks))
+        self.stop_at_layer = max(blocks) + 1 if inside else None  # the later of the hooks' blocks
         self.first_pos = 1 if drop_bos else 0  # column 0 dropped when every window starts with BOS
         self.context_size = tokens.shape[1]
         self.rows_per_window = self.context_size - self.first_pos
@@ -76,34 +90,43 @@ class _ModelSource:
         self.device = next(iter(model.parameters())).device
         tok = getattr(model, "tokenizer", None)
         self.mask_needed = tok is not None and getattr(tok, "padding_side", "right") == "left"
-        if hook_name.endswith(("hook_pattern", "hook_attn_scores")):
-            raise SaeNbError(f"Hook {hook_name!r} holds attention patterns [batch, head, query, key], not one "
-                             "activation per token: pick a per-token hook such as blocks.0.mlp.hook_post or hook_z.")
-        self.d_in = self.hook_acts(tokens[:1, :min(4, self.context_size)]).shape[-1]  # a cheap probe: 4 tokens
+        for n in names: _refuse_pattern_hook(n)
+        self.d_in, self.d_out = None, None
+        probe = self.hook_acts(tokens[:1, :min(4, self.context_size)])  # a cheap probe: 4 tokens
+        self.d_in, self.d_out = self._widths[0], (self._widths[1] if hook_name_out is not None else None)
+        self.d_row = probe.shape[-1]  # d_in, or d_in + d_out for a paired source
 
     def hook_acts(self, window_tokens):
-        "The hook's activations `[n, context_size, d_in]` for `[n, context_size]` tokens (model dtype and device)."
-        out = []
+        "The hooks' activations `[n, context_size, d_row]` for `[n, context_size]` tokens (model dtype and device): input then output."
+        names = [self.hook_name] + ([self.hook_name_out] if self.hook_name_out is not None else [])
+        out = {}
         def keep(act, hook):
-            out.append(act)
-            raise _StopForward
+            out[hook.name] = act
+            if len(out) == len(names): raise _StopForward  # the last hook needed has fired
         tok = window_tokens.to(self.device)
         kw = dict(attention_mask=torch.ones_like(tok)) if self.mask_needed else {}
-        with torch.no_grad(), self.model.hooks(fwd_hooks=[(self.hook_name, keep)]):
+        with torch.no_grad(), self.model.hooks(fwd_hooks=[(n, keep) for n in names]):
             try: self.model(tok, stop_at_layer=self.stop_at_layer, return_type=None, **kw)
             except _StopForward: pass
-        if not out:
-            raise SaeNbError(f"Hook {self.hook_name!r} did not fire in a forward pass (some hooks need a model "
-                             "setting, e.g. model.set_use_attn_in(True)): pick another hook or enable it.")
-        act = out[0]
         n, ctx = tok.shape
-        if act.shape[:2] != (n, ctx):
-            raise SaeNbError(f"Hook {self.hook_name!r} gives activations of shape {tuple(act.shape)}, not "
-                             "[batch, position, ...]: pick a per-token hook such as blocks.0.mlp.hook_post.")
-        return act.reshape(n, ctx, -1)
+        acts = []
+        for name in names:
+            if name not in out:
+                raise SaeNbError(f"Hook {name!r} did not fire in a forward pass (some hooks need a model "
+                                 "setting, e.g. model.set_use_attn_in(True)): pick another hook or enable it.")
+            act = out[name]
+            if act.shape[:2] != (n, ctx):
+                raise SaeNbError(f"Hook {name!r} gives activations of shape {tuple(act.shape)}, not "
+                                 "[batch, position, ...]: pick a per-token hook such as blocks.0.mlp.hook_post.")
+            acts.append(act.reshape(n, ctx, -1))
+        self._widths = [a.shape[-1] for a in acts]
+        if self.d_in is not None and self._widths != [self.d_in] + ([self.d_out] if self.d_out is not None else []):
+            raise SaeNbError(f"Hooks {names} changed width between forward passes ({self._widths}): use per-token hooks "
+                             "whose width does not depend on the input.")
+        return acts[0] if len(acts) == 1 else torch.cat(acts, dim=-1)
 
     def read(self, windows: torch.Tensor) -> torch.Tensor:
-        "Rows `[len(windows), rows_per_window, d_in]` of these windows (a view of the hook's output), in model batches."
+        "Rows `[len(windows), rows_per_window, d_row]` of these windows (a view of the hook's output), in model batches."
         parts = [self.hook_acts(self.tokens[windows[i:i + self.model_batch_size]])[:, self.first_pos:]
                  for i in range(0, len(windows), self.model_batch_size)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -128,7 +151,7 @@ _STATE_KEYS = ("n_windows", "rows_per_window", "batch_size", "buffer_size", "shu
                "world_size", "hook_name")
 
 class ActivationStore:
-    "Shuffled `[batch_size, d_in]` batches of one hook's activations over token windows, from a bounded buffer."
+    "Shuffled `[batch_size, d_in]` batches of one hook's activations (or `(x, y)` pairs of two hooks) over token windows, from a bounded buffer."
     def __init__(self,
                  model, # a HookedTransformer (e.g. from `sae_nb.models.load_model`)
                  tokens: torch.Tensor, # `[n_windows, context_size]` token ids, e.g. from `tokenize_corpus`
@@ -145,12 +168,13 @@ class ActivationStore:
                  rank: int | None = None, # this process's rank; None: torch.distributed's, or 0
                  world_size: int | None = None, # number of data-parallel ranks; None: torch.distributed's, or 1
                  show_progress: bool = True, # tqdm progress bar while collecting
+                 hook_name_out: str | None = None, # a second hook of the same forward pass: batches are `(x, y)` pairs (transcoders)
                 ):
         tokens = check_token_windows(model, tokens)
         if not isinstance(model_batch_size, int) or model_batch_size < 1:
             raise SaeNbError(f"model_batch_size={model_batch_size!r}: use a positive integer (windows per forward pass).")
         drop_bos = _drops_bos_column(tokens, bos_token_id(model), exclude_bos)
-        source = _ModelSource(model, tokens, hook_name, drop_bos, model_batch_size)
+        source = _ModelSource(model, tokens, hook_name, drop_bos, model_batch_size, hook_name_out)
         if device is None: device = source.device
         self._setup(source, batch_size, buffer_size, shuffle, seed, loop, device, dtype, rank, world_size, show_progress)
         self.tokens, self.exclude_bos = tokens, exclude_bos
@@ -189,16 +213,24 @@ class ActivationStore:
 
     def _check_buffer_memory(self, buffer_size: int):
         "Refuse, before allocating, a buffer (plus one model batch of rows) larger than the memory of the store's device."
-        row_bytes = self.d_in * torch.empty(0, dtype=self.dtype).element_size()
+        row_bytes = self._row_width * torch.empty(0, dtype=self.dtype).element_size()  # both hooks' widths when paired
         need = (buffer_size + self._group * self.rows_per_window) * row_bytes + 16 * buffer_size  # + 2 int64 slot tables
-        check_fits_in_memory(need, f"The store's mixing buffer ({buffer_size:,} rows of {self.d_in} x "
+        check_fits_in_memory(need, f"The store's mixing buffer ({buffer_size:,} rows of {self._row_width} x "
                              f"{str(self.dtype).removeprefix('torch.')}, plus one model batch of rows and slot tables) would",
                              self.device, fix=f"use a smaller batch_size (now {self.batch_size}) or buffer_size (now {buffer_size})")
 
     @property
     def d_in(self) -> int: "Width of an activation row." ; return self._source.d_in
     @property
-    def hook_name(self) -> str: "The hook the rows come from." ; return self._source.hook_name
+    def hook_name(self) -> str: "The hook the rows come from (the input `x` of pairs)." ; return self._source.hook_name
+    @property
+    def hook_name_out(self) -> str | None: "The hook of the targets `y` of pairs; None: unpaired." ; return self._source.hook_name_out
+    @property
+    def d_out(self) -> int | None: "Width of a target row `y`; None: unpaired." ; return self._source.d_out
+    @property
+    def paired(self) -> bool: "Whether batches are `(x, y)` pairs of two hooks." ; return self._source.hook_name_out is not None
+    @property
+    def _row_width(self) -> int: "Width of a buffer row: `d_in`, or `d_in + d_out` (x then y) when paired." ; return self.d_in + (self.d_out or 0)
     @property
     def context_size(self) -> int: "Tokens per window." ; return self._source.context_size
     @property
@@ -215,16 +247,18 @@ class ActivationStore:
     def epoch(self) -> float: "Passes over this rank's windows fed into the buffer so far." ; return self._windows_added / self.n_windows
 
     def __repr__(self):
-        return (f"ActivationStore({self.model_name!r}, {self.hook_name!r}, d_in={self.d_in}, n_tokens={self.n_tokens}, "
+        pair = f", hook_name_out={self.hook_name_out!r}, d_out={self.d_out}" if self.paired else ""
+        return (f"ActivationStore({self.model_name!r}, {self.hook_name!r}, d_in={self.d_in}{pair}, n_tokens={self.n_tokens}, "
                 f"batch_size={self.batch_size}, buffer_size={self.buffer_size}, shuffle={self.shuffle}, loop={self.loop}, "
                 f"rank={self.rank}/{self.world_size})")
 
     def __iter__(self): return self
 
-    def __next__(self) -> torch.Tensor:
-        "The next `[batch_size, d_in]` batch (the last one of a single pass may be smaller)."
+    def __next__(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        "The next `[batch_size, d_in]` batch, or `(x, y)` of `[batch_size, d_in]`, `[batch_size, d_out]` when paired (the last batch of a single pass may be smaller)."
         batch = self._step()
         if batch is None: raise StopIteration
+        if self.paired: return batch[:, :self.d_in].contiguous(), batch[:, self.d_in:].contiguous()
         return batch
 
 # %% ../nbs/03_activations.ipynb #d0c0970d
@@ -259,11 +293,11 @@ def _refill(self: ActivationStore, compute: bool = True):
     self._slot_rows[slots] = torch.arange(first * rpw, (first + n_new) * rpw)
     if compute and n_new:
         if self._buffer is None:
-            self._buffer = torch.empty(self.buffer_size, self.d_in, dtype=self.dtype, device=self.device)
+            self._buffer = torch.empty(self.buffer_size, self._row_width, dtype=self.dtype, device=self.device)
         G, last = self._group, first + n_new
         for g in range(first // G, (last - 1) // G + 1):
             a, b = max(first, g * G), min(last, (g + 1) * G)  # the windows of group g this refill takes
-            rows = self._group_rows(g)[a - g * G:b - g * G]  # [b - a, rows_per_window, d_in], maybe a strided view
+            rows = self._group_rows(g)[a - g * G:b - g * G]  # [b - a, rows_per_window, d_in (+ d_out)], maybe a strided view
             self._buffer[slots[(a - first) * rpw:(b - first) * rpw].view(b - a, rpw).to(self.device)] = rows
             self._progress(b - a)
     self._windows_added += n_new
@@ -353,7 +387,8 @@ def _state_dict(self: ActivationStore) -> dict:
             "windows_added": self._windows_added, "rows_yielded": self._rows_yielded, "refills": self._refills,
             "rng": {"kind": "numpy.SeedSequence(seed, rank, refill)", "seed": self.seed, "rank": self.rank,
                     "next_refill": self._refills},
-            **{k: getattr(self, k) for k in _STATE_KEYS}}
+            **{k: getattr(self, k) for k in _STATE_KEYS},
+            **({"hook_name_out": self.hook_name_out} if self.paired else {})}  # unpaired states keep their old keys
 
 @_method_of(ActivationStore, "load_state_dict")
 def _load_state_dict(self: ActivationStore,
@@ -368,6 +403,8 @@ def _load_state_dict(self: ActivationStore,
              and not isinstance(saved_b, bool) and saved_b >= smallest)
     diff = [f"{k}: saved {state.get(k)!r}, here {getattr(self, k)!r}" for k in _STATE_KEYS
             if state.get(k) != getattr(self, k) and not (k == "buffer_size" and adopt)]
+    if state.get("hook_name_out") != self.hook_name_out:  # absent from unpaired states: None
+        diff.append(f"hook_name_out: saved {state.get('hook_name_out')!r}, here {self.hook_name_out!r}")
     if diff:
         raise SaeNbError("This store's settings differ from the saved state's (" + "; ".join(diff) +
                          "): build the store with the same tokens and arguments as the one that saved it.")
@@ -397,7 +434,7 @@ def _load_state_dict(self: ActivationStore,
 def _fill_waiting_rows(self: ActivationStore):
     "Compute the rows of the slots still queued (after a replay), window by window, in model batches."
     if self._buffer is None:
-        self._buffer = torch.empty(self.buffer_size, self.d_in, dtype=self.dtype, device=self.device)
+        self._buffer = torch.empty(self.buffer_size, self._row_width, dtype=self.dtype, device=self.device)
     slots = self._queue[self._head:]
     if len(slots) == 0: return
     rpw, G = self.rows_per_window, self._group
@@ -483,11 +520,11 @@ def _save_cache(self: ActivationStore,
     if foreign:
         raise SaeNbError(f"{folder} holds files that are not part of an activation cache ({', '.join(foreign[:5])}): "
                          "save_cache replaces the whole folder, so move them out or pick an empty or new folder.")
-    rpw, d_in = self.rows_per_window, self.d_in
+    rpw, d_in, width = self.rows_per_window, self.d_in, self._row_width  # paired: rows are x then y, width d_in + d_out
     n_windows = self.n_windows if max_tokens is None else min(self.n_windows, int(max_tokens) // rpw)
     if n_windows < 1:
         raise SaeNbError(f"max_tokens={max_tokens} is less than one window ({rpw} rows): use max_tokens >= {rpw}.")
-    row_bytes = d_in * torch.empty(0, dtype=self.dtype).element_size()
+    row_bytes = width * torch.empty(0, dtype=self.dtype).element_size()
     per_shard = max(1, (shard_mb << 20) // (rpw * row_bytes))  # windows per shard
     G = self._group  # the store's grid of window groups, so cached rows equal the store's bit for bit
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -505,7 +542,7 @@ def _save_cache(self: ActivationStore,
         with tqdm(total=n_windows * rpw, unit="tok", desc=f"cache {self.hook_name}", disable=not self.show_progress) as bar:
             for i in range(0, n_windows, G):
                 w = min(G, n_windows - i)  # windows of this group to write (a whole group is computed)
-                rows, done = self._source.read(self._windows[i:i + G]).to("cpu", self.dtype).reshape(-1, d_in), 0
+                rows, done = self._source.read(self._windows[i:i + G]).to("cpu", self.dtype).reshape(-1, width), 0
                 while done < w:
                     take = min(per_shard - n_parts, w - done)
                     parts.append(rows[done * rpw:(done + take) * rpw]); n_parts += take; done += take
@@ -519,7 +556,8 @@ def _save_cache(self: ActivationStore,
                 "bos_excluded": self.bos_excluded,
                 "dtype": str(self.dtype).removeprefix("torch."), "n_windows": n_windows, "n_tokens": n_windows * rpw,
                 "rank": self.rank, "world_size": self.world_size,
-                "corpus_fingerprint": corpus_fingerprint(self.tokens[written]), "shards": shards}
+                "corpus_fingerprint": corpus_fingerprint(self.tokens[written]), "shards": shards,
+                **({"hook_name_out": self.hook_name_out, "d_out": self.d_out} if self.paired else {})}
         write_json_atomic(meta, tmp / "metadata.json")
         umask = os.umask(0); os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders; give the cache the usual permissions
@@ -530,12 +568,14 @@ def _save_cache(self: ActivationStore,
 
 # %% ../nbs/03_activations.ipynb #dfb1585c
 class _CacheSource:
-    "Activation rows read from a cache folder's shards, a few rows at a time."
+    "Activation rows (paired: x then y, concatenated) read from a cache folder's shards, a few rows at a time."
     def __init__(self, folder: Path, meta: dict):
         from safetensors import safe_open
         self._safe_open = safe_open
         self.folder, self.meta = folder, meta
         self.hook_name, self.model_name, self.d_in = meta["hook_name"], meta["model_name"], int(meta["d_in"])
+        self.hook_name_out, self.d_out = meta.get("hook_name_out"), meta.get("d_out")  # absent: unpaired
+        self.d_row = self.d_in + (self.d_out or 0)
         self.context_size, self.rows_per_window = int(meta["context_size"]), int(meta["rows_per_window"])
         self.n_windows, self.model_batch_size = int(meta["n_windows"]), 64
         self.paths = [folder / s["file"] for s in meta["shards"]]
@@ -557,7 +597,7 @@ class _CacheSource:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def read(self, windows: torch.Tensor) -> torch.Tensor:
-        "Rows `[len(windows), rows_per_window, d_in]` of these windows; runs of consecutive windows are read in one slice."
+        "Rows `[len(windows), rows_per_window, d_row]` of these windows; runs of consecutive windows are read in one slice."
         rpw, parts, w = self.rows_per_window, [], windows.tolist()
         i = 0
         while i < len(w):
@@ -565,7 +605,7 @@ class _CacheSource:
             while j < len(w) and w[j] == w[j - 1] + 1: j += 1
             parts.append(self.rows(w[i] * rpw, (w[j - 1] + 1) * rpw))
             i = j
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(len(w), rpw, self.d_in)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(len(w), rpw, self.d_row)
 
 # %% ../nbs/03_activations.ipynb #38c2af30
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors header -> metadata
@@ -606,10 +646,17 @@ def _check_cache_fields(meta, path: Path) -> None:
         rows = s.get("rows")
         if not (isinstance(rows, int) and not isinstance(rows, bool) and rows >= 1):
             raise bad(f"shards[{i}]['rows'] is {rows!r}, not a positive integer")
+    paired = meta.get("hook_name_out") is not None  # unpaired caches have neither field (or null)
+    if paired and not isinstance(meta["hook_name_out"], str):
+        raise bad(f"field 'hook_name_out' is {meta['hook_name_out']!r}, not a hook name or null")
+    d_out = meta.get("d_out")
+    if paired and not (isinstance(d_out, int) and not isinstance(d_out, bool) and d_out >= 1):
+        raise bad(f"field 'd_out' is {d_out!r}, not a positive integer (the width of hook_name_out's rows)")
+    if not paired and d_out is not None: raise bad(f"field 'd_out' is {d_out!r} but there is no hook_name_out")
     files = [s["file"] for s in meta["shards"]]
     if len(set(files)) != len(files): raise bad("a shard file is listed twice")
 
-def _read_cache_metadata(folder: Path, expect_model, expect_hook) -> dict:
+def _read_cache_metadata(folder: Path, expect_model, expect_hook, expect_hook_out=None) -> dict:
     "The cache's metadata, checked field by field, against the shards' headers and the caller's expectations."
     from safetensors import safe_open
     path = folder / "metadata.json"
@@ -631,6 +678,12 @@ def _read_cache_metadata(folder: Path, expect_model, expect_hook) -> dict:
     if expect_hook is not None and meta["hook_name"] != expect_hook:
         raise SaeNbError(f"The cache in {folder} holds activations of hook {meta['hook_name']!r}, not "
                          f"{expect_hook!r}: use a cache of {expect_hook!r} or make one with save_cache.")
+    have_out = meta.get("hook_name_out")
+    if expect_hook_out is not None and have_out != expect_hook_out:
+        holds = f"pairs with target hook {have_out!r}" if have_out else "one hook's rows, not (input, target) pairs"
+        raise SaeNbError(f"The cache in {folder} holds {holds}, not targets of {expect_hook_out!r}: use a cache made "
+                         f"with hook_name_out={expect_hook_out!r} or make one with save_cache.")
+    width = meta["d_in"] + (meta.get("d_out") or 0)  # paired shards hold x then y in one row
     total = 0
     for s in meta["shards"]:
         shard = folder / s["file"]
@@ -644,9 +697,10 @@ def _read_cache_metadata(folder: Path, expect_model, expect_hook) -> dict:
                 shape, dtype = header.get_shape(), header.get_dtype()
         except Exception as e:
             raise SaeNbError(f"{shard}: not a readable activation shard ({e}): make the cache again with save_cache.") from e
-        if list(shape) != [s["rows"], meta["d_in"]]:
+        if list(shape) != [s["rows"], width]:
+            says = f"{width} (d_in {meta['d_in']} + d_out {meta['d_out']})" if have_out else f"{width}"
             raise SaeNbError(f"{shard}: holds {shape[0] if shape else '?'} rows of width {shape[1] if len(shape) > 1 else '?'}, "
-                             f"metadata.json says {s['rows']} rows of width {meta['d_in']}: the cache is inconsistent, make it again.")
+                             f"metadata.json says {s['rows']} rows of width {says}: the cache is inconsistent, make it again.")
         if _ST_DTYPES.get(dtype) != meta["dtype"]:
             raise SaeNbError(f"{shard}: holds {dtype} values, metadata.json says dtype {meta['dtype']}: the cache is "
                              "inconsistent, make it again with save_cache.")
@@ -670,6 +724,7 @@ def _from_cache(cls,
                rank: int | None = None, # this process's rank; None: torch.distributed's, or 0
                world_size: int | None = None, # number of data-parallel ranks; None: torch.distributed's, or 1
                show_progress: bool = True, # tqdm progress bar while reading
+               expect_hook_out: str | None = None, # refuse a cache that is not pairs with this target hook (a paired cache yields `(x, y)` either way)
               ) -> ActivationStore:
     "A store that streams a cache folder's rows (checked against its metadata) instead of running a model."
     folder = _real_folder(folder)  # a link to a cache: read the folder it points to
@@ -677,7 +732,7 @@ def _from_cache(cls,
     if live != folder:
         warnings.warn(f"{folder} is missing: a save_cache(overwrite=True) was interrupted after moving the old cache "
                       f"to {live}; reading that one. Run save_cache again to finish replacing it.")
-    meta = _read_cache_metadata(live, expect_model, expect_hook)
+    meta = _read_cache_metadata(live, expect_model, expect_hook, expect_hook_out)
     self = cls.__new__(cls)
     self._setup(_CacheSource(live, meta), batch_size, buffer_size, shuffle, seed, loop, device, dtype, rank,
                 world_size, show_progress)
