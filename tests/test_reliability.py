@@ -553,7 +553,7 @@ def _set(w, name, value): w[name] = value
     (lambda f: (f / SAE_CFG_FILENAME).write_text("{\"d_in\": 16,"), "cfg.json: not valid JSON"),
     (lambda f: (f / SAE_CFG_FILENAME).write_bytes(b"\xff\xfe\x00"), "cfg.json: not valid JSON"),
     (lambda f: (f / SAE_CFG_FILENAME).write_text("[1, 2]"), "expected a JSON object"),
-    (_cfg_edit(architecture="gated"), "architecture 'gated' is not supported"),
+    (_cfg_edit(architecture="clt"), "architecture 'clt' is not supported"),
     (_cfg_edit(architecture=KeyError), "no 'architecture' field"),
     (_cfg_edit(d_in=KeyError), "missing field 'd_in'"),
     (_cfg_edit(d_in="16"), "SAEConfig.d_in='16'"),
