@@ -114,7 +114,7 @@ def _choice_list(choices):
 TRAIN_DEFAULTS = dict(model=DEFAULT_MODEL, hook=DEFAULT_HOOK, corpus=DEFAULT_CORPUS, architecture="standard",
                       expansion=4, width=None, k=32, l1_coefficient=None, steps=400, batch_size=1024, lr=None,
                       context_size=128, eval_windows=8, seed=0, device=None, out=None, resume=False,
-                      checkpoint_every=50, report=True)
+                      checkpoint_every=50, report=True, hook_out=None, skip=False)
 
 # %% ../nbs/10_cli.ipynb #426a1523
 _DEFAULT_LR = {"standard": 1e-3, "topk": 1e-3, "batchtopk": 1e-3, "jumprelu": 1e-3, "gated": 1e-3, "matryoshka_batchtopk": 1e-3}
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=_folder, default=D["out"], help="output folder (default: runs/<model>-<hook>-<architecture>-<width>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (options left out default to the run's own; changed ones are refused)")
     t.add_argument("--no-report", dest="report", action="store_false", help="skip the HTML report")
+    t.add_argument("--hook-out", default=D["hook_out"], help="train a transcoder: read --hook, predict this hook's activation (e.g. blocks.0.hook_mlp_out)")
+    t.add_argument("--skip", action="store_true", help="with --hook-out: a skip transcoder (adds a learnt linear map of the input)")
     s = sub.add_parser("sweep", help="train many SAEs on one activation stream (a grid of settings), evaluate each, write sweep.json/html",
                        formatter_class=fmt)
     common(s)
@@ -262,12 +264,18 @@ def _density_summary(metrics: dict, density: dict) -> dict:
                 unresolved_fraction=float(density["unresolved_fraction"]))
 
 # %% ../nbs/10_cli.ipynb #ad52681d
-def _train_settings(args, d_in: int) -> tuple:
+def _train_settings(args, d_in: int, # the --hook's width
+                    d_out: int | None = None, # with --hook-out: its width (a transcoder); None: an SAE
+                   ) -> tuple:
     "The SAEConfig and TrainConfig the `train` options ask for (validated by their constructors)."
     width = args.width or args.expansion * d_in
     arch = args.architecture
     k = args.k if arch in _K_ARCHITECTURES else None
-    sae_cfg = SAEConfig(architecture=arch, d_in=d_in, d_sae=width, k=k, model_name=args.model, hook_name=args.hook,
+    hook_out = getattr(args, "hook_out", None)
+    if getattr(args, "skip", False) and hook_out is None:
+        raise SaeNbError("--skip is for transcoders: add --hook-out HOOK (the hook to predict), or drop --skip.")
+    tc_fields = dict(transcoder=True, skip=bool(args.skip), d_out=d_out, hook_name_out=hook_out) if hook_out is not None else {}
+    sae_cfg = SAEConfig(architecture=arch, d_in=d_in, d_sae=width, k=k, model_name=args.model, hook_name=args.hook, **tc_fields,
                         context_size=args.context_size, dataset_path=args.corpus,
                         extra_metadata={"sae_nb_cli": {"eval_windows": args.eval_windows}})  # read back by --resume
     steps = _run_steps(args)
@@ -290,11 +298,11 @@ def _given_options(argv: list[str]) -> set:
         for a in sp._actions: a.default = argparse.SUPPRESS  # left out of the namespace unless given
     return set(vars(p.parse_args(argv))) - {"command"}
 
-_FIXED_BY_RUN = ("model", "hook", "corpus", "context_size", "architecture", "width", "k", "seed", "eval_windows")
+_FIXED_BY_RUN = ("model", "hook", "corpus", "context_size", "architecture", "width", "k", "seed", "eval_windows", "hook_out", "skip")
 _LENGTH = ("steps", "batch_size")
 _FLAG = dict(model="--model", hook="--hook", corpus="--corpus", context_size="--context-size", architecture="--architecture",
              width="--width", k="--k", seed="--seed", eval_windows="--eval-windows", steps="--steps", batch_size="--batch-size",
-             lr="--lr", l1_coefficient="--l1-coefficient")
+             lr="--lr", l1_coefficient="--l1-coefficient", hook_out="--hook-out", skip="--skip")
 
 def _saved_run_settings(out: Path) -> tuple:
     "`(settings, checkpoint)`: the train options a run folder's latest checkpoint was made with ({} and None without one)."
@@ -312,7 +320,9 @@ def _saved_run_settings(out: Path) -> tuple:
                  k=cfg.k if cfg.architecture in ("topk", "batchtopk") else None, seed=tc.get("seed"),
                  eval_windows=cli.get("eval_windows"), steps=steps, batch_size=bs, lr=tc.get("lr"),
                  l1_coefficient=tc.get("l1_coefficient"))
-    return {k: v for k, v in saved.items() if v is not None}, ck
+    saved = {k: v for k, v in saved.items() if v is not None}
+    saved.update(hook_out=cfg.hook_name_out if cfg.transcoder else None, skip=bool(cfg.transcoder and cfg.skip))  # an SAE run: no --hook-out, no --skip
+    return saved, ck
 
 def _apply_resume_settings(args, given: set) -> Path | None:
     "On --resume: refuse options that differ from the run's saved ones, fill the others from them; returns the checkpoint read."
@@ -376,7 +386,10 @@ def _check_scorable(model, context_size: int):
 def run_train(args) -> dict:
     "The main job: load, tokenise, collect + train, evaluate, report; returns the scalar metrics."
     timer = StageTimer()
+    args.hook_out, args.skip = getattr(args, "hook_out", None), getattr(args, "skip", False)  # a Namespace made by hand may lack them
     arch_suffix = f"{args.architecture}-{args.width or str(args.expansion) + 'x'}"
+    if getattr(args, "hook_out", None) is not None:  # a transcoder: the folder names the hook it predicts
+        arch_suffix = f"to-{args.hook_out}-{'skip-' if args.skip else ''}transcoder-{arch_suffix}"
     args.out = str(_check_out_folder(Path(args.out) if args.out else _default_out(args, arch_suffix), args.resume))
     if args.resume: _apply_resume_settings(args, getattr(args, "given", set(vars(args))))  # before any long work
     rank, world_size, device = init_data_parallel(args.device)   # (0, 1, best device) unless run under torchrun
@@ -384,15 +397,19 @@ def run_train(args) -> dict:
     with timer("load"):
         model = load_model(args.model, device=device)
         block = check_hook_name(model, args.hook)
+        if args.hook_out is not None: check_hook_name(model, args.hook_out)
     _check_scorable(model, args.context_size)
     d_in = _hook_width(model, args.hook)
-    sae_cfg, train_cfg = _train_settings(args, d_in)      # every setting validated before anything is written
+    d_out = _hook_width(model, args.hook_out) if args.hook_out is not None else None
+    sae_cfg, train_cfg = _train_settings(args, d_in, d_out)      # every setting validated before anything is written
     _check_train_memory(d_in, sae_cfg.d_sae, train_cfg.batch_size, device)
     if train_cfg.batch_size % world_size:
         raise SaeNbError(f"--batch-size {train_cfg.batch_size} does not split over {world_size} ranks: use a multiple of {world_size}.")
     if world_size > 1: torch.distributed.barrier()  # every rank validated its settings before rank 0 writes anything
     n_train = train_cfg.num_steps * train_cfg.batch_size
-    if main_rank: print(f"sae_nb train: {args.model} {args.hook} (d_in {d_in}) -> {sae_cfg.architecture} SAE of width {sae_cfg.d_sae}, "
+    what = (f"{'skip ' if args.skip else ''}{sae_cfg.architecture} transcoder to {args.hook_out} (d_out {d_out})" if d_out is not None
+            else f"{sae_cfg.architecture} SAE")
+    if main_rank: print(f"sae_nb train: {args.model} {args.hook} (d_in {d_in}) -> {what} of width {sae_cfg.d_sae}, "
           f"{train_cfg.num_steps} steps x {train_cfg.batch_size} tokens, out {args.out}")
     # one process per run folder: held from here until the report is written (train_sae takes the same lock again)
     with (folder_lock(args.out, "run folder") if main_rank else contextlib.nullcontext()):
@@ -406,13 +423,14 @@ def run_train(args) -> dict:
         train_tokens, eval_tokens = tokens[:-args.eval_windows], tokens[-args.eval_windows:]
         # under data parallel each rank collects its own shard of the windows and takes batch_size / world_size rows a step
         store = ActivationStore(model, train_tokens, args.hook, batch_size=train_cfg.batch_size // world_size, seed=args.seed,
-                                device=device, rank=rank, world_size=world_size, show_progress=main_rank)
+                                device=device, rank=rank, world_size=world_size, show_progress=main_rank, hook_name_out=args.hook_out)
         with timer("train"):
             sae, history = train_sae(store, sae_cfg, train_cfg)
         if not main_rank: return {}   # rank 0 evaluates and reports
         collect = float(getattr(store, "collect_seconds", 0.0))
         if collect:
             timer.seconds["collect"] = collect; timer.seconds["train"] -= collect
+        if d_out is not None: return _finish_transcoder_run(args, model, sae, history, eval_tokens, timer, d_in, d_out, train_cfg)
         with timer("evaluate"):
             metrics = evaluate(model, sae, eval_tokens, args.hook)
             density = _run_density(model, sae, train_tokens, args.hook)
@@ -436,6 +454,24 @@ def run_train(args) -> dict:
         print(f"  {'roundtrip self-recovered':<20} {summary['roundtrip_self_recovered']:.4g}")
         print(f"\nstages (wall time):\n{timer.table()}")
         return summary
+
+def _finish_transcoder_run(args, model, sae, history, eval_tokens, timer, d_in: int, d_out: int, train_cfg) -> dict:
+    "Rank 0 after training a transcoder: evaluate it by replacement and write metrics.json; no density, SAEBench or HTML report yet."
+    out = Path(args.out)
+    summary = dict(d_in=d_in, d_out=d_out, d_sae=sae.cfg.d_sae, architecture=sae.cfg.architecture, transcoder=True, skip=bool(sae.cfg.skip),
+                   model=args.model, hook=args.hook, hook_out=args.hook_out, corpus=args.corpus, steps=train_cfg.num_steps,
+                   batch_size=train_cfg.batch_size, seed=args.seed,
+                   train_explained_variance=history["explained_variance"][-1] if history["explained_variance"] else None)
+    with timer("evaluate"):  # by replacement: the prediction from --hook replaces the activation at --hook-out
+        metrics = evaluate(model, sae, eval_tokens, args.hook, hook_name_out=args.hook_out)
+    summary = dict(_scalars(metrics), **summary)
+    print("Note: feature density, saebench_core.json and the HTML report are SAE-only for now: not written for a transcoder.")
+    summary["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
+    write_json_atomic(summary, out / "metrics.json")
+    print(f"\nTranscoder saved to {out / 'sae'}")
+    print(f"metrics on {metrics['n_tokens']} held-out tokens (the prediction replacing {args.hook_out}):\n{format_metrics(metrics)}")
+    print(f"\nstages (wall time):\n{timer.table()}")
+    return summary
 
 # %% ../nbs/10_cli.ipynb #98ab79f8
 MAX_SWEEP_SAES = 64

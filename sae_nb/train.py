@@ -192,6 +192,37 @@ def _is_whole(v) -> bool:
     "Whether `v` is an int (not a bool): a whole number read from JSON."
     return isinstance(v, int) and not isinstance(v, bool)
 
+# %% ../nbs/05_train.ipynb #aa0373a2
+def _is_pair(batch) -> bool:
+    "Whether a batch is an `(x, y)` pair of tensors (a transcoder's input and target)."
+    return isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)
+
+_PAIRS_FIX = ("pass an ActivationStore with hook_name_out=<the target hook>, a tuple (X, Y) of [N, d_in] and [N, d_out] tensors "
+              "(same row order), or an iterable of (x, y) tuples")
+
+def _batch_problem(batch, # one batch from the data (not None)
+                   d_in: int, # the SAE's input width
+                   d_out: int | None, # a transcoder's target width; None: an SAE
+                  ) -> str | None:
+    "What is wrong with a batch for this SAE or transcoder (None: nothing): the shapes, and pairs for a transcoder only."
+    def shape(t): return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+    if d_out is None:
+        if _is_pair(batch):
+            return (f"an (x, y) pair of {shape(batch[0])} and {shape(batch[1])}, but an SAE reconstructs its input from plain [batch, {d_in}] batches: "
+                    "pass the inputs alone (an ActivationStore without hook_name_out, the X tensor, an iterable of tensors), "
+                    "or train a transcoder (SAEConfig(transcoder=True, d_out=..., hook_name_out=...))")
+        if not (isinstance(batch, torch.Tensor) and batch.ndim == 2 and batch.shape[1] == d_in):
+            return f"a batch of {shape(batch)} (on some rank); every batch must be [batch, {d_in}] for this SAE (d_in={d_in})"
+        return None
+    if not _is_pair(batch):
+        return f"a {'plain batch ' + str(shape(batch)) if isinstance(batch, torch.Tensor) else shape(batch)}, but a transcoder trains on (x, y) pairs (input, target): {_PAIRS_FIX}"
+    x, y = batch
+    if not (x.ndim == 2 and x.shape[1] == d_in and y.ndim == 2 and y.shape[1] == d_out and x.shape[0] == y.shape[0]):
+        return (f"a pair of {shape(x)} and {shape(y)} (on some rank); every pair must be [batch, {d_in}] and [batch, {d_out}] "
+                f"(the same rows) for this transcoder (d_in={d_in}, d_out={d_out})")
+    return None
+
+
 # %% ../nbs/05_train.ipynb #b6bb5653
 class _Source:
     "A batch source; `push_back(batch)` makes `next()` return that batch first (used to peek at the first batch)."
@@ -206,9 +237,10 @@ class _Source:
 
 # %% ../nbs/05_train.ipynb #6766d7c6
 class _TensorBatches(_Source):
-    "Global batches from a `[N, d_in]` tensor: seeded permutation per epoch, full batches, this rank's slice of each."
-    def __init__(self, data, batch_size, seed, rank, world_size):
+    "Global batches from a `[N, d_in]` tensor (or `(x, y)` pairs of rows of `(X, Y)`, shuffled together): seeded permutation per epoch, full batches, this rank's slice of each."
+    def __init__(self, data, batch_size, seed, rank, world_size, target=None):
         self.data, self.batch_size, self.seed, self.rank, self.world_size = data, batch_size, seed, rank, world_size
+        self.target = target  # Y [N, d_out] for a transcoder (the same row order as data), else None
         self.per_epoch = data.shape[0] // batch_size
         self.epoch, self.index, self._perm, self._perm_epoch = 0, 0, None, None
     def _next(self):
@@ -217,7 +249,9 @@ class _TensorBatches(_Source):
             self._perm, self._perm_epoch = _epoch_permutation(self.data.shape[0], self.seed, self.epoch).to(self.data.device), self.epoch
         rows = self._perm[self.index * self.batch_size:(self.index + 1) * self.batch_size]
         self.index += 1
-        return self.data[rows.tensor_split(self.world_size)[self.rank]]
+        mine = rows.tensor_split(self.world_size)[self.rank]
+        if self.target is None: return self.data[mine]
+        return self.data[mine], self.target[mine.to(self.target.device)]
     def state_dict(self): return {"kind": "tensor", "epoch": self.epoch, "index": self.index}
     def state_problem(self, state):
         "What is wrong with a saved `state_dict()` for this data (None: nothing)."
@@ -246,6 +280,8 @@ class _IterableBatches(_Source):
         batch = self._next_raw()
         if batch is None: self.exhausted = True; return None
         self.consumed += 1
+        if _is_pair(batch) and not self.local and self.world_size > 1 and batch[0].ndim == 2 and batch[1].ndim == 2:
+            return tuple(t.tensor_split(self.world_size)[self.rank] for t in batch)  # a global (x, y) pair: this rank's rows of both
         if not isinstance(batch, torch.Tensor) or self.local: return batch
         return batch.tensor_split(self.world_size)[self.rank] if self.world_size > 1 and batch.ndim == 2 else batch
     def state_dict(self):
@@ -514,16 +550,32 @@ HISTORY_KEYS = ("step", "tokens", "loss", "mse", "sparsity", "aux", "l1", "l0", 
 class _LossModule(nn.Module):
     "Wraps the SAE so that DDP sees `training_loss` as its forward."
     def __init__(self, sae): super().__init__(); self.sae = sae
-    def forward(self, x, coefficient, dead_mask): return self.sae.training_loss(x, coefficient, dead_mask=dead_mask)
+    def forward(self, x, coefficient, dead_mask, target=None): return self.sae.training_loss(x, coefficient, dead_mask=dead_mask, target=target)
 
 # %% ../nbs/05_train.ipynb #bd3d9339
 def _make_source(data, # what `train_sae` was given
                  tc: TrainConfig, # the run settings
                  processes, # this process's `_Processes`
                  d_in: int, # the SAE's input width
+                 d_out: int | None = None, # a transcoder's target width (the data must give (x, y) pairs); None: an SAE
                 ):
     "Wrap `data` in a batch source for this rank; check its width and sharding against the SAE and the processes."
     W, B = processes.world_size, tc.batch_size
+    if isinstance(data, tuple) and _is_pair(data):  # (X, Y): a transcoder's inputs and targets, row by row
+        if d_out is None:
+            raise SaeNbError("The data is a tuple (X, Y) of two tensors, i.e. (input, target) pairs, but an SAE reconstructs its input: pass X alone "
+                             "(or a list of batches), or train a transcoder (SAEConfig(transcoder=True, d_out=..., hook_name_out=...)).")
+        X, Y = data
+        for name, t, width in (("X", X, d_in), ("Y", Y, d_out)):
+            if t.ndim != 2 or t.shape[1] != width:
+                raise SaeNbError(f"Paired tensor data: {name} has shape {tuple(t.shape)} but must be [N, {width}] for this transcoder (d_in={d_in}, d_out={d_out}): "
+                                 "use the activations of the transcoder's hooks, flattened to rows (t.reshape(-1, t.shape[-1])).")
+            if not t.is_floating_point(): raise SaeNbError(f"Paired tensor data: {name} must be floating point activations; got {t.dtype}.")
+        if X.shape[0] != Y.shape[0]: raise SaeNbError(f"Paired tensor data: X has {X.shape[0]} rows but Y has {Y.shape[0]}: give the input and target of the same tokens, row by row.")
+        if X.shape[0] < B: raise SaeNbError(f"The data has {X.shape[0]} rows, fewer than one batch of batch_size={B}: lower batch_size or collect more activations.")
+        return _TensorBatches(X, B, tc.seed, processes.rank, W, target=Y)
+    if isinstance(data, torch.Tensor) and d_out is not None:
+        raise SaeNbError(f"A transcoder trains on (input, target) pairs, but the data is one tensor {tuple(data.shape)}: {_PAIRS_FIX}.")
     if isinstance(data, torch.Tensor):
         if data.ndim != 2: raise SaeNbError(f"Tensor data must be [N, d_in]; got shape {tuple(data.shape)}: flatten the leading dimensions (x.reshape(-1, x.shape[-1])).")
         if data.shape[1] != d_in: raise SaeNbError(f"The data has width {data.shape[1]} but the SAE has d_in={d_in}: use activations from the hook the SAE is for, or an SAE with d_in={data.shape[1]}.")
@@ -535,6 +587,15 @@ def _make_source(data, # what `train_sae` was given
     data_d_in = getattr(data, "d_in", None)
     if isinstance(data_d_in, int) and data_d_in != d_in:
         raise SaeNbError(f"The data has d_in={data_d_in} but the SAE has d_in={d_in}: use activations from the hook the SAE is for, or an SAE with d_in={data_d_in}.")
+    paired = getattr(data, "paired", None)
+    if paired is True and d_out is None:
+        raise SaeNbError(f"The data store gives (x, y) pairs (hook_name_out={getattr(data, 'hook_name_out', None)!r}) but an SAE reconstructs its input: "
+                         "build the store without hook_name_out, or train a transcoder (SAEConfig(transcoder=True, d_out=..., hook_name_out=...)).")
+    if paired is False and d_out is not None:
+        raise SaeNbError(f"A transcoder trains on (input, target) pairs, but the data store gives plain batches: {_PAIRS_FIX}.")
+    data_d_out = getattr(data, "d_out", None)
+    if d_out is not None and isinstance(data_d_out, int) and data_d_out != d_out:
+        raise SaeNbError(f"The data's targets have d_out={data_d_out} but the transcoder has d_out={d_out}: use the hook_name_out the transcoder predicts, or a transcoder with d_out={data_d_out}.")
     store_world = getattr(data, "world_size", None)
     local = W > 1 and store_world is not None
     if W > 1 and store_world is not None:
@@ -562,8 +623,8 @@ def _build_sae(sae_or_cfg, # an SAEConfig or an SAE
     else: raise SaeNbError(f"train_sae needs an SAE or an SAEConfig; got {type(sae_or_cfg).__name__}.")
     if resume_folder is not None:
         loaded = SAE.load(resume_folder)
-        for key in ("architecture", "d_in", "d_sae"):
-            a, b = getattr(loaded.cfg, key), getattr(sae.cfg, key)
+        for key in ("architecture", "d_in", "d_sae", "transcoder", "skip", "out_width"):
+            a, b = getattr(loaded.cfg, key, None), getattr(sae.cfg, key, None)
             if a != b: raise SaeNbError(f"Cannot resume {resume_folder}: its SAE has {key}={a!r}, the one given has {key}={b!r}; pass the same SAE config as the interrupted run, or a new out_dir.")
         return sae, loaded.state_dict()
     return sae, None
@@ -841,7 +902,7 @@ def _activation_scale(first: torch.Tensor, # this rank's first batch
     return None
 
 # %% ../nbs/05_train.ipynb #8af1c2d6
-def train_sae(data, # an ActivationStore, a [N, d_in] tensor, or an iterable of [batch, d_in] tensors
+def train_sae(data, # an ActivationStore, a [N, d_in] tensor, or an iterable of [batch, d_in] tensors; a transcoder: a paired store, a tuple (X, Y) or an iterable of (x, y)
               sae_or_cfg, # an `SAEConfig` (a new SAE, seeded with `train_cfg.seed`) or an `SAE` (trained in place)
               train_cfg: TrainConfig | None = None, # the run settings (None: `TrainConfig()`)
              ) -> tuple:
@@ -876,6 +937,14 @@ class _Trainer:
         if tc.resample_every is not None and self.arch != "standard":
             raise SaeNbError(f"resample_every is for standard SAEs; this one is {self.arch!r}" + (" (its AuxK loss revives dead features)" if self.arch in ARCHITECTURES_WITH_AUXK else "") + ": set resample_every=None.")
         self.d_in = self.sae.cfg.d_in
+        self.d_out = self.sae.cfg.out_width if getattr(self.sae.cfg, "transcoder", False) else None  # None: an SAE
+        if self.d_out is not None:
+            what = f"{label}: " if label else ""
+            if self.sae.cfg.normalize_activations != "none":
+                raise SaeNbError(f"{what}normalize_activations={self.sae.cfg.normalize_activations!r} is not supported for transcoders yet (input and target "
+                                 "would need their own scale factors, folded differently): use normalize_activations='none' and rescale the data yourself if needed.")
+            if tc.resample_every is not None:
+                raise SaeNbError(f"{what}resample_every is for standard SAEs reconstructing their input, not transcoders: set resample_every=None.")
 
 def _trainer_phase(f):
     "Attach `_trainer_<name>` to `_Trainer` as the method `<name>` (one notebook cell per phase)."
@@ -913,9 +982,10 @@ def _trainer_start(self, first: torch.Tensor, # this rank's first batch (raw act
                   ):
     "A fresh run: the activation scale (`normalize_activations`), then `b_dec` (`b_dec_init`), from the first batch."
     P, tc = self.P, self.tc
+    first, target = first if _is_pair(first) else (first, first)  # a transcoder: b_dec lives in the target space
     self.scale = _activation_scale(first, self.d_in, self.normalize, P)
     if tc.b_dec_init is not None:
-        sample = torch.cat(P.gather_objects(first.cpu())) if P.distributed else first
+        sample = torch.cat(P.gather_objects(target.cpu())) if P.distributed else target
         sample = sample.to(self.dev, self.dtype)
         self.sae.init_b_dec_(sample if self.scale is None else sample * self.scale, method=tc.b_dec_init)
 
@@ -1017,6 +1087,7 @@ def _trainer_dead_mask(self) -> torch.Tensor:
 # %% ../nbs/05_train.ipynb #636f9dd4
 @_trainer_phase
 def _trainer_take_step(self, x: torch.Tensor, # this rank's batch `[b, d_in]`, on the device, in the SAE's dtype, unscaled
+                      y: torch.Tensor | None = None, # a transcoder: the targets `[b, d_out]` (same device and dtype); None: an SAE
                  ):
     "One optimizer step on `x`; counters, metric sums and NaN/inf flags stay on the device."
     tc, P, sae, step = self.tc, self.P, self.sae, self.step
@@ -1024,7 +1095,7 @@ def _trainer_take_step(self, x: torch.Tensor, # this rank's batch `[b, d_in]`, o
     n_local = x.shape[0]
     self.coef_now = tc.l1_coefficient * l1_factor(step, self.l1_warm)
     dead_mask = self.dead_mask() if self.arch in ARCHITECTURES_WITH_AUXK and self.since_fired_bound >= self.window else None
-    out_ = self.model(x, self.coef_now, dead_mask)
+    out_ = self.model(x, self.coef_now, dead_mask, y) if y is not None else self.model(x, self.coef_now, dead_mask)
     loss = out_["loss"]
     loss.backward()
     sae.on_before_optimizer_step()
@@ -1045,10 +1116,10 @@ def _trainer_take_step(self, x: torch.Tensor, # this rank's batch `[b, d_in]`, o
                                      f.abs().sum(-1).mean(), active.sum(-1).float().mean()]).double() * n_local
         self.acc[6] += n_local
         self.acc[7] += 1
-        self.bad_input_step.copy_(torch.where((self.bad_input_step < 0) & ~torch.isfinite(x).all(), step, self.bad_input_step))
+        self.bad_input_step.copy_(torch.where((self.bad_input_step < 0) & ~(torch.isfinite(x).all() & (torch.isfinite(y).all() if y is not None else True)), step, self.bad_input_step))
         self.bad_loss_step.copy_(torch.where((self.bad_loss_step < 0) & ~torch.isfinite(loss.detach()), step, self.bad_loss_step))
         del out_, loss, f, active
-    self.x, self.x_hat = x, x_hat
+    self.x, self.x_hat, self.y = x, x_hat, (y if y is not None else x)  # y: what x_hat predicts
     self.step += 1
     self.tokens += global_tokens
     self.since_fired_bound += global_tokens
@@ -1092,8 +1163,9 @@ def _trainer_log(self, t_start: float, # `time.perf_counter()` when this session
         sae.eval()
         with torch.no_grad(): l0_saved = (sae.encode(x) != 0).sum().double()
         sae.train()
-    ev = torch.stack([(x - x_hat).double().pow(2).sum(), x.double().pow(2).sum(), torch.tensor(float(x.shape[0]), dtype=torch.float64, device=dev), l0_saved])
-    sums = torch.cat([self.acc, ev, x.double().sum(0)])
+    y = self.y  # the target: x for an SAE
+    ev = torch.stack([(y - x_hat).double().pow(2).sum(), y.double().pow(2).sum(), torch.tensor(float(y.shape[0]), dtype=torch.float64, device=dev), l0_saved])
+    sums = torch.cat([self.acc, ev, y.double().sum(0)])
     P.all_reduce(sums)
     s = sums.tolist()
     n_tok, n_steps = s[6], max(s[7], 1.0)
@@ -1187,7 +1259,12 @@ def _drive(data, # an ActivationStore, a [N, d_in] tensor, or an iterable of [ba
     for t in trainers[1:]:
         if t.d_in != lead.d_in:
             raise SaeNbError(f"{t.label} reads d_in={t.d_in} but {lead.label} reads d_in={lead.d_in}: the SAEs of a set share one activation stream, so give them the same d_in.")
-    source = _make_source(data, tc, P, lead.d_in)
+    for t in trainers[1:]:
+        if t.d_out != lead.d_out:
+            kind = lambda u: f"a transcoder with d_out={u.d_out}" if u.d_out is not None else "an SAE"
+            raise SaeNbError(f"{t.label} is {kind(t)} but {lead.label} is {kind(lead)}: the SAEs of a set share one activation stream (plain batches "
+                             "or (x, y) pairs of one target hook); train them in separate sets.")
+    source = _make_source(data, tc, P, lead.d_in, lead.d_out)
     wandb = None
     if tc.wandb_project is not None and P.is_main:
         try: import wandb
@@ -1201,11 +1278,14 @@ def _drive(data, # an ActivationStore, a [N, d_in] tensor, or an iterable of [ba
         first = source.next()
         if P.any_flags([first is None])[0]:
             raise SaeNbError("The data yielded no batch" + (" on some rank" if P.distributed else "") + ": check that it is not empty (or an exhausted iterator).")
+        problem = _batch_problem(first, lead.d_in, lead.d_out)
+        if P.any_flags([problem is not None])[0]:  # before anything is written: a wrong kind of data is refused at once
+            raise SaeNbError(f"Step 1: the data gave {problem or 'a wrong batch on another rank'}.")
         for t in trainers: t.start(first)
         source.push_back(first)  # it is step 0's batch too
     for t in trainers: t.ready()
     step = lead.step
-    d_in, has_out, many = lead.d_in, lead.out is not None, len(trainers) > 1
+    d_in, d_out, has_out, many = lead.d_in, lead.d_out, lead.out is not None, len(trainers) > 1
     resample_at = set().union(*(t.resample_at for t in trainers))
     resample_batches = max(t.tc.resample_sample_batches for t in trainers)
 
@@ -1254,19 +1334,20 @@ def _drive(data, # an ActivationStore, a [N, d_in] tensor, or an iterable of [ba
                     if stop.requested: raise  # a second Ctrl-C: out at once, without a checkpoint
                     batch, fetch_interrupt = None, e
                 interrupted = fetch_interrupt is not None
-                bad_shape = batch is not None and not (isinstance(batch, torch.Tensor) and batch.ndim == 2 and batch.shape[1] == d_in)
+                problem = _batch_problem(batch, d_in, d_out) if batch is not None else None
+                bad_shape = problem is not None
                 no_data, stop_now, bad_shape, interrupted, fetched = P.any_flags([batch is None and not interrupted, stop.requested, bad_shape, interrupted, not interrupted])
                 if bad_shape:
-                    got = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-                    raise SaeNbError(f"Step {step + 1}: the data gave a batch of {got} (on some rank); every batch must be [batch, {d_in}] for this SAE (d_in={d_in}).")
+                    raise SaeNbError(f"Step {step + 1}: the data gave {problem or 'a wrong batch on another rank'}.")
                 if interrupted: interrupt(fetch_interrupt, consistent=not fetched, signal_name=stop.signal)
                 if no_data:
                     if P.is_main: warnings.warn(f"The data ran out after {step} of {T} steps; stopping there.")
                     break
                 xs = {}  # the batch on the device, once per dtype
                 for t in trainers:
-                    if t.dtype not in xs: xs[t.dtype] = batch.to(t.dev, t.dtype, non_blocking=True)
-                    t.take_step(xs[t.dtype])
+                    if t.dtype not in xs:  # (x,) for an SAE, (x, y) for a transcoder
+                        xs[t.dtype] = tuple(b.to(t.dev, t.dtype, non_blocking=True) for b in (batch if d_out is not None else (batch,)))
+                    t.take_step(*xs[t.dtype])
                 del xs
                 step += 1
                 pbar.update(1)
@@ -1379,7 +1460,7 @@ def _check_sweep_folder(out: Path, # the sweep folder (`train_cfg.out_dir`)
             raise SaeNbError(f"{out} already holds a sweep whose runs {busy} have checkpoints or results: pass resume=True to continue it, or choose another out_dir.")
 
 # %% ../nbs/05_train.ipynb #54409ae4
-def train_saes(data, # an ActivationStore, a [N, d_in] tensor, or an iterable of [batch, d_in] tensors: read ONCE for all SAEs
+def train_saes(data, # an ActivationStore, a [N, d_in] tensor, or an iterable of [batch, d_in] tensors (transcoders: (x, y) pairs, as train_sae): read ONCE for all SAEs
                saes: list, # items: an `SAEConfig`/`SAE`, or `(sae_or_cfg, settings)` with settings from `PER_SAE_SETTINGS` and 'name'
                train_cfg: TrainConfig | None = None, # the shared settings; its `out_dir` is the sweep folder (None: nothing written)
               ) -> list:
