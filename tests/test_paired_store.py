@@ -14,19 +14,10 @@ import sae_nb.config
 from sae_nb.activations import ActivationStore
 from sae_nb.config import SaeNbError
 from test_reliability import one_thread  # noqa: F401 (autouse fixture: one torch thread for tiny tensors)
+from test_edges_store import glass  # noqa: F401 (fixture: glassllm-en and 24 windows of 16 tokens, BOS first)
 
 HIN, HOUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"  # glassllm-en: 128 -> 128
 CTX = 16
-
-
-@pytest.fixture(scope="module")
-def glass():
-    "glassllm-en and 24 windows of 16 tokens of the embedded corpus, BOS first."
-    from sae_nb.data import load_corpus, tokenize_corpus
-    from sae_nb.models import load_model
-    model = load_model("glassllm-en", device="cpu")
-    tokens = tokenize_corpus(load_corpus("pydoc"), model, context_size=CTX, max_tokens=CTX * 24, show_progress=False)
-    return model, tokens
 
 
 def reference(model, tokens, hooks):

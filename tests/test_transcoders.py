@@ -14,8 +14,9 @@ from sae_lens import SAE as SLSAE
 from sae_lens import (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig, JumpReLUTranscoder, JumpReLUTranscoderConfig,
                       SkipTranscoder, SkipTranscoderConfig, Transcoder, TranscoderConfig)
 
-from sae_nb.config import SaeNbError, load_safetensors_checked, save_safetensors_atomic
+from sae_nb.config import SaeNbError, load_safetensors_checked
 from sae_nb.sae import SAE, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SAEConfig, _sae_bytes
+from test_architectures import _edit_cfg, _edit_weights
 
 D_IN, D_OUT, D_SAE = 12, 7, 48
 X = torch.randn(3, 5, D_IN, generator=torch.Generator().manual_seed(7))
@@ -168,18 +169,6 @@ def test_training_learns_planted_map(arch):
     end = fvu()
     assert start > 0.5 and end < 0.2 and end < 0.5 * linear_fvu, (start, end, linear_fvu)
     assert sae.W_skip.abs().sum() > 0  # the skip map was trained (it starts at 0)
-
-
-def _edit_weights(folder, fn):
-    w = load_safetensors_checked(folder / SAE_WEIGHTS_FILENAME)
-    fn(w)
-    save_safetensors_atomic(w, folder / SAE_WEIGHTS_FILENAME)
-
-
-def _edit_cfg(folder, fn):
-    d = json.loads((folder / SAE_CFG_FILENAME).read_text())
-    fn(d)
-    (folder / SAE_CFG_FILENAME).write_text(json.dumps(d))
 
 
 def test_damaged_folders(tmp_path):
