@@ -29,7 +29,7 @@ from .config import LOCK_NAME, SaeNbError, atomic_path, check_fits_in_memory, fo
 from .models import EMBEDDED_MODELS, check_hook_name, load_model
 from .data import CORPORA, bos_token_id, counted_positions, load_corpus, tokenize_corpus
 from .activations import ActivationStore
-from .sae import ARCHITECTURES, SAE, SAE_CFG_FILENAME, SAEConfig, _config_from_saelens_dict
+from .sae import ARCHITECTURES, ARCHITECTURES_WITH_K, SAE, SAE_CFG_FILENAME, SAEConfig, _config_from_saelens_dict
 from .train import TrainConfig, init_data_parallel, latest_checkpoint, run_folder_state, train_sae, train_saes
 from .eval import DENSITY_TOKENS, describe_density, evaluate, feature_density, roundtrip, write_saebench_core
 
@@ -119,7 +119,6 @@ TRAIN_DEFAULTS = dict(model=DEFAULT_MODEL, hook=DEFAULT_HOOK, corpus=DEFAULT_COR
 # %% ../nbs/10_cli.ipynb #426a1523
 _DEFAULT_LR = {"standard": 1e-3, "topk": 1e-3, "batchtopk": 1e-3, "jumprelu": 1e-3, "gated": 1e-3, "matryoshka_batchtopk": 1e-3}
 _DEFAULT_SPARSITY = {"standard": 0.5, "topk": 0.0, "batchtopk": 0.0, "jumprelu": 1.0, "gated": 0.5, "matryoshka_batchtopk": 0.0}
-_K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")  # sparsity set by k (no coefficient)
 _COEFFICIENT_ARCHITECTURES = ("standard", "jumprelu", "gated")  # sparsity set by --l1-coefficient
 
 # %% ../nbs/10_cli.ipynb #1c1883c5
@@ -162,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--architecture", type=_choice_list(ARCHITECTURES), default=[D["architecture"]], help="architectures, comma-separated (e.g. standard,topk)")
     s.add_argument("--expansion", type=_int_list, default=[D["expansion"]], help="SAE widths as multiples of the hook's width, comma-separated (ignored with --width)")
     s.add_argument("--width", type=_int_list, default=None, help="SAE widths d_sae, comma-separated (overrides --expansion)")
-    s.add_argument("--k", type=_int_list, default=[D["k"]], help=f"active features per token, comma-separated ({', '.join(_K_ARCHITECTURES)})")
+    s.add_argument("--k", type=_int_list, default=[D["k"]], help=f"active features per token, comma-separated ({', '.join(ARCHITECTURES_WITH_K)})")
     s.add_argument("--l1-coefficient", type=_float_list(0.0), default=None,
                    help=f"sparsity coefficients, comma-separated ({', '.join(_COEFFICIENT_ARCHITECTURES)}); default per architecture {_DEFAULT_SPARSITY}")
     s.add_argument("--lr", type=_float_list(None), default=None, help=f"Adam learning rates, comma-separated; default per architecture {_DEFAULT_LR}")
@@ -270,7 +269,7 @@ def _train_settings(args, d_in: int, # the --hook's width
     "The SAEConfig and TrainConfig the `train` options ask for (validated by their constructors)."
     width = args.width or args.expansion * d_in
     arch = args.architecture
-    k = args.k if arch in _K_ARCHITECTURES else None
+    k = args.k if arch in ARCHITECTURES_WITH_K else None
     hook_out = getattr(args, "hook_out", None)
     if getattr(args, "skip", False) and hook_out is None:
         raise SaeNbError("--skip is for transcoders: add --hook-out HOOK (the hook to predict), or drop --skip.")
@@ -487,15 +486,15 @@ def sweep_grid(args, # the `sweep` options (lists from the comma-separated value
     "The grid as `[(name, SAEConfig, settings)]`: per architecture, the product of the options that apply to it."
     given = getattr(args, "given", set(vars(args)))
     archs = args.architecture
-    if "k" in given and not any(a in _K_ARCHITECTURES for a in archs):
-        raise SaeNbError(f"--k applies to {', '.join(_K_ARCHITECTURES)}, and the grid has only {', '.join(archs)}: drop --k or add one of those to --architecture.")
+    if "k" in given and not any(a in ARCHITECTURES_WITH_K for a in archs):
+        raise SaeNbError(f"--k applies to {', '.join(ARCHITECTURES_WITH_K)}, and the grid has only {', '.join(archs)}: drop --k or add one of those to --architecture.")
     if args.l1_coefficient is not None and not any(a in _COEFFICIENT_ARCHITECTURES for a in archs):
         raise SaeNbError(f"--l1-coefficient applies to {', '.join(_COEFFICIENT_ARCHITECTURES)}, and the grid has only {', '.join(archs)}: drop it or add one of those to --architecture.")
     widths = [(w, f"w{w}") for w in args.width] if args.width else [(e * d_in, f"x{e}") for e in args.expansion]
     lrs = args.lr or [None]
     grid = []
     for arch in archs:
-        sparsities = ([("k", k) for k in args.k] if arch in _K_ARCHITECTURES else
+        sparsities = ([("k", k) for k in args.k] if arch in ARCHITECTURES_WITH_K else
                       [("l1", c) for c in (args.l1_coefficient or [_DEFAULT_SPARSITY[arch]])] if arch in _COEFFICIENT_ARCHITECTURES else [(None, None)])
         for width, wname in widths:
             for lr in lrs:
@@ -573,7 +572,7 @@ def run_sweep(args) -> list:
     with timer("evaluate"):
         for (name, cfg, settings), (sae, history) in zip(grid, results):
             metrics = _scalars(evaluate(model, sae, eval_tokens, args.hook))
-            row = dict(name=name, folder=name, architecture=cfg.architecture, d_sae=cfg.d_sae, k=cfg.k if cfg.architecture in _K_ARCHITECTURES else None,
+            row = dict(name=name, folder=name, architecture=cfg.architecture, d_sae=cfg.d_sae, k=cfg.k if cfg.architecture in ARCHITECTURES_WITH_K else None,
                        l1_coefficient=settings["l1_coefficient"] if cfg.architecture in _COEFFICIENT_ARCHITECTURES else None, lr=settings["lr"],
                        metrics=metrics)
             write_json_atomic(dict(metrics, d_in=d_in, d_sae=cfg.d_sae, architecture=cfg.architecture, model=args.model, hook=args.hook,

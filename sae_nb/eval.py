@@ -222,17 +222,25 @@ def mean_hook_activation(model: HookedTransformer, # the model
     return (total / n).to(act.dtype)
 
 # %% ../nbs/06_eval.ipynb #edbc1290
+def _token_windows(model: HookedTransformer, # the model the tokens are for
+                   source, # a token tensor, or an ActivationStore-like object with `.tokens`
+                   caller: str, # the function asking, for the message
+                   what: str, # how `check_token_windows` names the tokens
+                  ) -> torch.Tensor:
+    "The checked [n_windows, pos] token windows of a token tensor or of a store built from tokens."
+    tokens = source if isinstance(source, torch.Tensor) else getattr(source, "tokens", None)
+    if not isinstance(tokens, torch.Tensor):
+        raise SaeNbError(f"{caller} needs token windows: pass a [n_windows, pos] token tensor (`sae_nb.data.tokenize_corpus`) "
+                         f"or an ActivationStore built from tokens, not {type(source).__name__}.")
+    return check_token_windows(model, tokens, what=what)
+
 def _eval_tokens(model: HookedTransformer, # the model the tokens are for
                  source, # a token tensor, or an ActivationStore-like object with `.tokens`
                  max_tokens: int | None, # use only the first max_tokens // pos windows
                  exclude_bos: bool, # as in `evaluate`
                 ) -> torch.Tensor:
     "The checked [n_windows, pos] eval tokens (`check_token_windows`, as the store checks them), refused if nothing can be scored."
-    tokens = source if isinstance(source, torch.Tensor) else getattr(source, "tokens", None)
-    if not isinstance(tokens, torch.Tensor):
-        raise SaeNbError(f"evaluate needs token windows: pass a [n_windows, pos] token tensor (`sae_nb.data.tokenize_corpus`) "
-                         f"or an ActivationStore built from tokens, not {type(source).__name__}.")
-    tokens = check_token_windows(model, tokens, what="eval tokens")
+    tokens = _token_windows(model, source, "evaluate", "eval tokens")
     if tokens.shape[1] < 2: raise SaeNbError("Eval windows need at least 2 tokens (a prediction and its target): use longer windows.")
     if max_tokens is not None:
         if max_tokens < tokens.shape[1]:
@@ -461,11 +469,7 @@ DENSITY_TOKENS = 100_000
 
 def _density_windows(model, source, n_tokens, exclude_bos):
     "The checked token windows `feature_density` streams: whole windows until `n_tokens` counted positions (None: all)."
-    tokens = source if isinstance(source, torch.Tensor) else getattr(source, "tokens", None)
-    if not isinstance(tokens, torch.Tensor):
-        raise SaeNbError(f"feature_density needs token windows: pass a [n_windows, pos] token tensor (`sae_nb.data.tokenize_corpus`) "
-                         f"or an ActivationStore built from tokens, not {type(source).__name__}.")
-    tokens = check_token_windows(model, tokens, what="density tokens")
+    tokens = _token_windows(model, source, "feature_density", "density tokens")
     if n_tokens is not None and (not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 1):
         raise SaeNbError(f"n_tokens={n_tokens!r}: pass a positive integer (counted tokens to stream) or None (all windows).")
     counted = counted_positions(tokens, bos_token_id(model), exclude_bos).sum(1).cumsum(0)

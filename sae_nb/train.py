@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 # %% ../nbs/05_train.ipynb #599bb2aa
 from .config import (SaeNbError, in_test, get_device, seed_everything, atomic_path, write_json_atomic, read_json,
                            save_safetensors_atomic, load_safetensors_checked, folder_lock, LOCK_NAME)
-from .sae import SAE, SAEConfig
+from .sae import ARCHITECTURES, SAE, SAE_CLASSES, SAEConfig
 
 # %% ../nbs/05_train.ipynb #1fdf4d86
 DEFAULT_STEPS = 4000
@@ -46,7 +46,7 @@ DEAD_FEATURE_WINDOW_MAX = 2_000_000
 "The longest dead-feature window `TrainConfig` picks by itself (tokens): the usual 2M of SAELens and the literature."
 
 # %% ../nbs/05_train.ipynb #557db93c
-ARCHITECTURES_WITH_AUXK = ("topk", "batchtopk", "matryoshka_batchtopk")
+ARCHITECTURES_WITH_AUXK = tuple(a for a in ARCHITECTURES if SAE_CLASSES[a].uses_dead_mask)
 "Architectures whose `training_loss` takes the dead-feature mask for the AuxK loss."
 
 # %% ../nbs/05_train.ipynb #2cde6eb2
@@ -1094,7 +1094,7 @@ def _trainer_take_step(self, x: torch.Tensor, # this rank's batch `[b, d_in]`, o
     if self.scale is not None: x = x * self.scale
     n_local = x.shape[0]
     self.coef_now = tc.l1_coefficient * l1_factor(step, self.l1_warm)
-    dead_mask = self.dead_mask() if self.arch in ARCHITECTURES_WITH_AUXK and self.since_fired_bound >= self.window else None
+    dead_mask = self.dead_mask() if self.sae.uses_dead_mask and self.since_fired_bound >= self.window else None
     out_ = self.model(x, self.coef_now, dead_mask, y) if y is not None else self.model(x, self.coef_now, dead_mask)
     loss = out_["loss"]
     loss.backward()

@@ -34,6 +34,11 @@ def ours(arch, seed=0, **kw):
     extra = dict(k=3, matryoshka_widths=WIDTHS) if arch == "matryoshka_batchtopk" else {}
     sae = SAE.from_config(SAEConfig(arch, 16, 32, hook_name="blocks.0.mlp.hook_post", model_name="gelu-1l", **extra, **kw),
                           generator=torch.Generator().manual_seed(seed))
+    return perturbed(sae, seed)
+
+
+def perturbed(sae, seed=0):
+    "`sae` in eval mode with non-trivial values in every tensor: thresholds 0.15, the rest (W_dec aside) moved by N(0, 0.2^2)."
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for n in sae.tensor_names:

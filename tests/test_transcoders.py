@@ -16,7 +16,7 @@ from sae_lens import (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig, Jump
 
 from sae_nb.config import SaeNbError, load_safetensors_checked
 from sae_nb.sae import SAE, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SAEConfig, _sae_bytes
-from test_architectures import _edit_cfg, _edit_weights
+from test_architectures import _edit_cfg, _edit_weights, perturbed
 
 D_IN, D_OUT, D_SAE = 12, 7, 48
 X = torch.randn(3, 5, D_IN, generator=torch.Generator().manual_seed(7))
@@ -36,14 +36,7 @@ def tc_cfg(arch, skip=False, **kw):
 
 def ours(arch, skip=False, seed=0, **kw):
     "A small eval-mode transcoder with non-trivial values in every tensor (W_skip included)."
-    sae = SAE.from_config(tc_cfg(arch, skip, **kw), generator=torch.Generator().manual_seed(seed))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n in sae.tensor_names:
-            t = getattr(sae, n)
-            if n == "threshold": t.fill_(0.15)
-            elif n != "W_dec": t.add_(torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.2)
-    return sae.eval()
+    return perturbed(SAE.from_config(tc_cfg(arch, skip, **kw), generator=torch.Generator().manual_seed(seed)), seed)
 
 
 def nontrivial(f):
