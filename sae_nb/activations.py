@@ -16,6 +16,7 @@ from pathlib import Path
 # %% ../nbs/03_activations.ipynb #8b62d2e5
 import numpy as np
 import torch
+from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 # %% ../nbs/03_activations.ipynb #427c679e
@@ -66,6 +67,7 @@ def _refuse_pattern_hook(hook_name: str):
         raise SaeNbError(f"Hook {hook_name!r} holds attention patterns [batch, head, query, key], not one "
                          "activation per token: pick a per-token hook such as blocks.0.mlp.hook_post or hook_z.")
 
+# %% ../nbs/03_activations.ipynb #388a75e9
 class _ModelSource:
     "Activation rows of one hook (or of an input and an output hook, concatenated) for token windows, computed by running the model up to the hook(s)."
     def __init__(self, model, tokens, hook_name, drop_bos, model_batch_size, hook_name_out=None):
@@ -137,19 +139,11 @@ def _refill_generator(seed: int, rank: int, refill: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, rank, refill]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
-# %% ../nbs/03_activations.ipynb #e95092b4
-def _method_of(cls, name: str):
-    "Decorator: attach the function to `cls` as method `name` (a class split over notebook cells, kept out of `__all__`)."
-    def attach(f):
-        f.__name__, f.__qualname__ = name, f"{cls.__name__}.{name}"
-        setattr(cls, name, f)
-        return f
-    return attach
-
 # %% ../nbs/03_activations.ipynb #b3f83ea9
 _STATE_KEYS = ("n_windows", "rows_per_window", "batch_size", "buffer_size", "shuffle", "loop", "seed", "rank",
                "world_size", "hook_name")
 
+# %% ../nbs/03_activations.ipynb #dd7acb79
 class ActivationStore:
     "Shuffled `[batch_size, d_in]` batches of one hook's activations (or `(x, y)` pairs of two hooks) over token windows, from a bounded buffer."
     def __init__(self,
@@ -179,46 +173,6 @@ class ActivationStore:
         self._setup(source, batch_size, buffer_size, shuffle, seed, loop, device, dtype, rank, world_size, show_progress)
         self.tokens, self.exclude_bos = tokens, exclude_bos
 
-    def _setup(self, source, batch_size, buffer_size, shuffle, seed, loop, device, dtype, rank, world_size,
-               show_progress):
-        self._source = source
-        self.collect_seconds = 0.0  # wall time spent producing rows (model forwards or cache reads), for stage timings
-        self.rank, self.world_size = _dist_rank_world(rank, world_size)
-        if source.n_windows < self.world_size:
-            raise SaeNbError(f"{source.n_windows} windows cannot be shared by {self.world_size} ranks: "
-                             "use more tokens or fewer ranks.")
-        self._windows = torch.arange(self.rank, source.n_windows, self.world_size)
-        rpw = source.rows_per_window
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise SaeNbError(f"batch_size={batch_size!r}: use a positive integer such as 4096.")
-        smallest = max(batch_size + rpw, 2 * rpw)
-        asked = buffer_size
-        if buffer_size is None: buffer_size = max(16 * batch_size, smallest)
-        if not isinstance(buffer_size, int) or isinstance(buffer_size, bool) or buffer_size < smallest:
-            raise SaeNbError(f"buffer_size={buffer_size!r} rows is too small for batch_size={batch_size} with "
-                             f"{rpw} rows per window: use buffer_size >= {smallest} (or leave it None: 16 * batch_size).")
-        # never more rows than this rank's windows hold plus one batch: the rest of a bigger buffer would never fill
-        buffer_size = min(buffer_size, max(smallest, len(self._windows) * rpw + batch_size))
-        if not isinstance(seed, int): raise SaeNbError(f"seed={seed!r}: use an integer.")
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise SaeNbError(f"dtype={dtype!r}: use a floating torch dtype such as torch.float32.")
-        self.batch_size, self.buffer_size, self.shuffle, self.seed, self.loop = batch_size, buffer_size, shuffle, seed, loop
-        self.device, self.dtype, self.show_progress = get_device(device), dtype, show_progress
-        self._group = source.model_batch_size  # windows per forward pass, on a fixed grid of the stream
-        self._buffer_size_asked = asked  # what the caller passed (None: default), for load_state_dict
-        self._check_buffer_memory(buffer_size)
-        self._buffer = None  # allocated on the first refill
-        self._bar = None
-        self.reset()
-
-    def _check_buffer_memory(self, buffer_size: int):
-        "Refuse, before allocating, a buffer (plus one model batch of rows) larger than the memory of the store's device."
-        row_bytes = self._row_width * torch.empty(0, dtype=self.dtype).element_size()  # both hooks' widths when paired
-        need = (buffer_size + self._group * self.rows_per_window) * row_bytes + 16 * buffer_size  # + 2 int64 slot tables
-        check_fits_in_memory(need, f"The store's mixing buffer ({buffer_size:,} rows of {self._row_width} x "
-                             f"{str(self.dtype).removeprefix('torch.')}, plus one model batch of rows and slot tables) would",
-                             self.device, fix=f"use a smaller batch_size (now {self.batch_size}) or buffer_size (now {buffer_size})")
-
     @property
     def d_in(self) -> int: "Width of an activation row." ; return self._source.d_in
     @property
@@ -246,24 +200,74 @@ class ActivationStore:
     @property
     def epoch(self) -> float: "Passes over this rank's windows fed into the buffer so far." ; return self._windows_added / self.n_windows
 
-    def __repr__(self):
-        pair = f", hook_name_out={self.hook_name_out!r}, d_out={self.d_out}" if self.paired else ""
-        return (f"ActivationStore({self.model_name!r}, {self.hook_name!r}, d_in={self.d_in}{pair}, n_tokens={self.n_tokens}, "
-                f"batch_size={self.batch_size}, buffer_size={self.buffer_size}, shuffle={self.shuffle}, loop={self.loop}, "
-                f"rank={self.rank}/{self.world_size})")
+# %% ../nbs/03_activations.ipynb #0499a496
+@patch
+def _setup(self: ActivationStore, source, batch_size, buffer_size, shuffle, seed, loop, device, dtype, rank, world_size,
+           show_progress):
+    self._source = source
+    self.collect_seconds = 0.0  # wall time spent producing rows (model forwards or cache reads), for stage timings
+    self.rank, self.world_size = _dist_rank_world(rank, world_size)
+    if source.n_windows < self.world_size:
+        raise SaeNbError(f"{source.n_windows} windows cannot be shared by {self.world_size} ranks: "
+                         "use more tokens or fewer ranks.")
+    self._windows = torch.arange(self.rank, source.n_windows, self.world_size)
+    rpw = source.rows_per_window
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise SaeNbError(f"batch_size={batch_size!r}: use a positive integer such as 4096.")
+    smallest = max(batch_size + rpw, 2 * rpw)
+    asked = buffer_size
+    if buffer_size is None: buffer_size = max(16 * batch_size, smallest)
+    if not isinstance(buffer_size, int) or isinstance(buffer_size, bool) or buffer_size < smallest:
+        raise SaeNbError(f"buffer_size={buffer_size!r} rows is too small for batch_size={batch_size} with "
+                         f"{rpw} rows per window: use buffer_size >= {smallest} (or leave it None: 16 * batch_size).")
+    # never more rows than this rank's windows hold plus one batch: the rest of a bigger buffer would never fill
+    buffer_size = min(buffer_size, max(smallest, len(self._windows) * rpw + batch_size))
+    if not isinstance(seed, int): raise SaeNbError(f"seed={seed!r}: use an integer.")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise SaeNbError(f"dtype={dtype!r}: use a floating torch dtype such as torch.float32.")
+    self.batch_size, self.buffer_size, self.shuffle, self.seed, self.loop = batch_size, buffer_size, shuffle, seed, loop
+    self.device, self.dtype, self.show_progress = get_device(device), dtype, show_progress
+    self._group = source.model_batch_size  # windows per forward pass, on a fixed grid of the stream
+    self._buffer_size_asked = asked  # what the caller passed (None: default), for load_state_dict
+    self._check_buffer_memory(buffer_size)
+    self._buffer = None  # allocated on the first refill
+    self._bar = None
+    self.reset()
 
-    def __iter__(self): return self
+# %% ../nbs/03_activations.ipynb #597d1085
+@patch
+def _check_buffer_memory(self: ActivationStore, buffer_size: int):
+    "Refuse, before allocating, a buffer (plus one model batch of rows) larger than the memory of the store's device."
+    row_bytes = self._row_width * torch.empty(0, dtype=self.dtype).element_size()  # both hooks' widths when paired
+    need = (buffer_size + self._group * self.rows_per_window) * row_bytes + 16 * buffer_size  # + 2 int64 slot tables
+    check_fits_in_memory(need, f"The store's mixing buffer ({buffer_size:,} rows of {self._row_width} x "
+                         f"{str(self.dtype).removeprefix('torch.')}, plus one model batch of rows and slot tables) would",
+                         self.device, fix=f"use a smaller batch_size (now {self.batch_size}) or buffer_size (now {buffer_size})")
 
-    def __next__(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        "The next `[batch_size, d_in]` batch, or `(x, y)` of `[batch_size, d_in]`, `[batch_size, d_out]` when paired (the last batch of a single pass may be smaller)."
-        batch = self._step()
-        if batch is None: raise StopIteration
-        if self.paired: return batch[:, :self.d_in].contiguous(), batch[:, self.d_in:].contiguous()
-        return batch
+# %% ../nbs/03_activations.ipynb #9f501306
+@patch
+def __repr__(self: ActivationStore):
+    pair = f", hook_name_out={self.hook_name_out!r}, d_out={self.d_out}" if self.paired else ""
+    return (f"ActivationStore({self.model_name!r}, {self.hook_name!r}, d_in={self.d_in}{pair}, n_tokens={self.n_tokens}, "
+            f"batch_size={self.batch_size}, buffer_size={self.buffer_size}, shuffle={self.shuffle}, loop={self.loop}, "
+            f"rank={self.rank}/{self.world_size})")
+
+# %% ../nbs/03_activations.ipynb #b1ccf5c3
+@patch
+def __iter__(self: ActivationStore): return self
+
+# %% ../nbs/03_activations.ipynb #d353cde2
+@patch
+def __next__(self: ActivationStore) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    "The next `[batch_size, d_in]` batch, or `(x, y)` of `[batch_size, d_in]`, `[batch_size, d_out]` when paired (the last batch of a single pass may be smaller)."
+    batch = self._step()
+    if batch is None: raise StopIteration
+    if self.paired: return batch[:, :self.d_in].contiguous(), batch[:, self.d_in:].contiguous()
+    return batch
 
 # %% ../nbs/03_activations.ipynb #d0c0970d
-@_method_of(ActivationStore, "reset")
-def _reset(self: ActivationStore):
+@patch
+def reset(self: ActivationStore):
     "Go back to the first window with an empty buffer."
     B = self.buffer_size
     self._free = torch.arange(B)  # slots not holding a row to be yielded, in the order they will be reused
@@ -276,11 +280,13 @@ def _reset(self: ActivationStore):
     self._pending = None  # (group, rows) of the last window group computed: its tail feeds the next refill
     if self._bar is not None: self._bar.close(); self._bar = None
 
-@_method_of(ActivationStore, "_exhausted")
+# %% ../nbs/03_activations.ipynb #b28a62db
+@patch
 def _exhausted(self: ActivationStore) -> bool:
     return not self.loop and self._windows_added >= self.n_windows
 
-@_method_of(ActivationStore, "_refill")
+# %% ../nbs/03_activations.ipynb #505adc39
+@patch
 def _refill(self: ActivationStore, compute: bool = True):
     "Put the next windows' rows into free slots, queue them and (with shuffle) permute the whole queue."
     rpw = self.rows_per_window
@@ -307,7 +313,8 @@ def _refill(self: ActivationStore, compute: bool = True):
     self._queue, self._head = queue, 0
     self._refills += 1
 
-@_method_of(ActivationStore, "_group_rows")
+# %% ../nbs/03_activations.ipynb #7314570f
+@patch
 def _group_rows(self: ActivationStore, g: int) -> torch.Tensor:
     "Rows `[windows, rows_per_window, d_in]` of window group `g` (stream windows `g·G … g·G + G - 1`), one forward pass."
     if self._pending is not None and self._pending[0] == g: return self._pending[1]
@@ -320,7 +327,8 @@ def _group_rows(self: ActivationStore, g: int) -> torch.Tensor:
     self._pending = (g, rows)
     return rows
 
-@_method_of(ActivationStore, "_progress")
+# %% ../nbs/03_activations.ipynb #d87fedc1
+@patch
 def _progress(self: ActivationStore, n_windows: int):
     "Advance the progress bar by `n_windows` windows (one bar per pass)."
     if not self.show_progress: return
@@ -329,7 +337,8 @@ def _progress(self: ActivationStore, n_windows: int):
         self._bar = tqdm(total=self.n_tokens, unit="tok", desc=f"activations {self.hook_name}", leave=False)
     self._bar.update(n_windows * self.rows_per_window)
 
-@_method_of(ActivationStore, "_step")
+# %% ../nbs/03_activations.ipynb #7119324c
+@patch
 def _step(self: ActivationStore, compute: bool = True):
     "Advance by one batch: the batch (compute) or its slots (bookkeeping only); None when a single pass is over."
     left = len(self._queue) - self._head
@@ -380,8 +389,8 @@ def _state_counters(store, # the store being resumed (its settings already match
     return c
 
 # %% ../nbs/03_activations.ipynb #13a61da4
-@_method_of(ActivationStore, "state_dict")
-def _state_dict(self: ActivationStore) -> dict:
+@patch
+def state_dict(self: ActivationStore) -> dict:
     "Where the store is in its stream, as a small JSON-serialisable dict for `load_state_dict`."
     return {"kind": "sae_nb.ActivationStore", "version": 1,
             "windows_added": self._windows_added, "rows_yielded": self._rows_yielded, "refills": self._refills,
@@ -390,8 +399,9 @@ def _state_dict(self: ActivationStore) -> dict:
             **{k: getattr(self, k) for k in _STATE_KEYS},
             **({"hook_name_out": self.hook_name_out} if self.paired else {})}  # unpaired states keep their old keys
 
-@_method_of(ActivationStore, "load_state_dict")
-def _load_state_dict(self: ActivationStore,
+# %% ../nbs/03_activations.ipynb #3e06d74b
+@patch
+def load_state_dict(self: ActivationStore,
                     state: dict, # from `state_dict()`, possibly through JSON
                    ):
     "Continue exactly where the store that made `state` was (same settings needed); recomputes the buffered rows."
@@ -430,7 +440,8 @@ def _load_state_dict(self: ActivationStore,
                          "tokens and arguments as the one that saved it, or start over.")
     self._fill_waiting_rows()
 
-@_method_of(ActivationStore, "_fill_waiting_rows")
+# %% ../nbs/03_activations.ipynb #bf512fa5
+@patch
 def _fill_waiting_rows(self: ActivationStore):
     "Compute the rows of the slots still queued (after a replay), window by window, in model batches."
     if self._buffer is None:
@@ -501,8 +512,8 @@ def _check_not_linked(path: Path, # a file inside a cache folder
                          "LINK) or make the cache again with save_cache.")
 
 # %% ../nbs/03_activations.ipynb #f26d4162
-@_method_of(ActivationStore, "save_cache")
-def _save_cache(self: ActivationStore,
+@patch
+def save_cache(self: ActivationStore,
                folder: str | Path, # the cache folder (created; replaced as a whole with `overwrite=True`; a link: its target)
                max_tokens: int | None = None, # at most this many rows (whole windows); None: all of this rank's
                shard_mb: int = 256, # about this many MB per shard file
@@ -613,11 +624,13 @@ _CACHE_FIELDS = {"model_name": (str, type(None)), "hook_name": str, "d_in": int,
                  "rows_per_window": int, "exclude_bos": bool, "dtype": str, "n_windows": int, "n_tokens": int,
                  "shards": list}
 
+# %% ../nbs/03_activations.ipynb #3e7f0c94
 def _is_plain_file_name(name) -> bool:
     "A non-empty file name with no folder part (no `/`, `\\`, `..`, absolute path), so it stays inside the cache folder."
     return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
             and Path(name).name == name and not Path(name).is_absolute())
 
+# %% ../nbs/03_activations.ipynb #705f5123
 def _check_cache_fields(meta, path: Path) -> None:
     "Raise one `SaeNbError` naming `path` (a metadata.json) for a missing, mistyped or self-contradicting field."
     def bad(problem: str) -> SaeNbError:
@@ -656,6 +669,7 @@ def _check_cache_fields(meta, path: Path) -> None:
     files = [s["file"] for s in meta["shards"]]
     if len(set(files)) != len(files): raise bad("a shard file is listed twice")
 
+# %% ../nbs/03_activations.ipynb #edeadf1f
 def _read_cache_metadata(folder: Path, expect_model, expect_hook, expect_hook_out=None) -> dict:
     "The cache's metadata, checked field by field, against the shards' headers and the caller's expectations."
     from safetensors import safe_open
@@ -710,7 +724,9 @@ def _read_cache_metadata(folder: Path, expect_model, expect_hook, expect_hook_ou
                          f"({meta['n_windows']} windows of {meta['rows_per_window']}): make the cache again.")
     return meta
 
-def _from_cache(cls,
+# %% ../nbs/03_activations.ipynb #c6151acc
+@patch(cls_method=True)
+def from_cache(cls: ActivationStore,
                folder: str | Path, # a folder written by `save_cache` (or a link to one)
                batch_size: int = 4096, # activation rows per batch
                buffer_size: int | None = None, # rows in the mixing buffer; None: 16 * batch_size (both capped by the data)
@@ -738,5 +754,3 @@ def _from_cache(cls,
                 world_size, show_progress)
     self.tokens, self.exclude_bos, self.metadata = None, meta["exclude_bos"], meta
     return self
-_from_cache.__name__, _from_cache.__qualname__ = "from_cache", "ActivationStore.from_cache"
-ActivationStore.from_cache = classmethod(_from_cache)

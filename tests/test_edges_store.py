@@ -282,3 +282,67 @@ def test_a_good_state_still_resumes_exactly_after_refusals(running, glass):
     fresh.load_state_dict(state)
     store.load_state_dict(state)
     assert torch.equal(torch.stack([next(store) for _ in range(5)]), torch.stack([next(fresh) for _ in range(5)]))
+
+
+# --- moved from the 03_activations lesson: a kill mid-overwrite, and damaged cache metadata --------------------
+class Killed(BaseException):
+    "Stands for a kill: not an Exception, so nothing in the package can catch it."
+
+
+def test_a_kill_between_the_two_renames_of_an_overwrite_leaves_the_old_cache_readable(glass, tmp_path, monkeypatch):
+    model, tokens = glass
+    store, rpw = store_of(model, tokens), CTX - 1
+    store.save_cache(tmp_path / "c", max_tokens=4 * rpw)
+    real_replace = os.replace
+    def replace_then_die(a, b):
+        if Path(b) == tmp_path / "c": raise Killed  # the new folder's rename: the old cache is already moved aside
+        real_replace(a, b)
+    monkeypatch.setattr(os, "replace", replace_then_die)
+    with pytest.raises(Killed): store.save_cache(tmp_path / "c", overwrite=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not (tmp_path / "c").exists() and (tmp_path / ".c.old" / "metadata.json").is_file()
+    with pytest.warns(UserWarning, match="interrupted"):
+        old = ActivationStore.from_cache(tmp_path / "c", loop=False, show_progress=False)
+    assert old.n_tokens == 4 * rpw  # the old cache, whole
+    with pytest.raises(SaeNbError, match="overwrite=True"): store.save_cache(tmp_path / "c")  # the aside cache counts
+    store.save_cache(tmp_path / "c", max_tokens=5 * rpw, overwrite=True)  # completes the swap
+    assert ActivationStore.from_cache(tmp_path / "c", show_progress=False).n_tokens == 5 * rpw
+    assert not (tmp_path / ".c.old").exists() and not list(tmp_path.glob(".c.*.tmp"))
+    (tmp_path / "notes").mkdir(); (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(SaeNbError, match="todo.txt"): store.save_cache(tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def broken_copy(cache, edit):
+    "A copy of `cache` beside it with `edit(metadata)` applied (metadata.json replaced by `edit` if it is a string)."
+    bad = cache.parent / "bad"
+    shutil.rmtree(bad, ignore_errors=True); shutil.copytree(cache, bad)
+    m = json.loads((bad / "metadata.json").read_text())
+    if isinstance(edit, str): (bad / "metadata.json").write_text(edit)
+    else: edit(m); (bad / "metadata.json").write_text(json.dumps(m))
+    return bad
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (lambda m: m.pop("shards"), "'shards' is missing"), (lambda m: m.update(d_in="341"), "'d_in' is '341'"),
+    (lambda m: m.update(exclude_bos=1), "'exclude_bos' is 1"), (lambda m: m.pop("hook_name"), "'hook_name' is missing"),
+    (lambda m: m["shards"][0].update(rows="many"), "['rows'] is 'many'"),
+    (lambda m: m["shards"][0].pop("file"), "['file'] is None"), ("[1, 2]", "holds a JSON list"),
+    (lambda m: m.update(rows_per_window=30, n_windows=m["n_tokens"] // 30), "rows_per_window=30 contradicts"),
+    (lambda m: m["shards"][0].update(file="../c/" + m["shards"][0]["file"]), "not a plain file name"),
+    (lambda m: m["shards"][0].update(file="/tmp/" + m["shards"][0]["file"]), "not a plain file name"),
+    (lambda m: m.update(dtype="float16"), "holds F32 values, metadata.json says dtype float16"),
+    (lambda m: m.update(d_in=True), "save_cache(folder, overwrite=True)")])
+def test_damaged_cache_metadata_is_one_error_naming_the_field(cache, edit, problem):
+    with pytest.raises(SaeNbError) as e:
+        ActivationStore.from_cache(broken_copy(cache, edit), show_progress=False)
+    assert problem in str(e.value)
+
+
+def test_a_shard_of_another_dtype_than_the_metadata_says_is_refused(cache):
+    from sae_nb.config import load_safetensors_checked, save_safetensors_atomic
+    bad = broken_copy(cache, lambda m: None)
+    shard = bad / "shard_00000.safetensors"
+    save_safetensors_atomic({"activations": load_safetensors_checked(shard)["activations"].int()}, shard)
+    with pytest.raises(SaeNbError, match="holds I32 values"):
+        ActivationStore.from_cache(bad, show_progress=False)
