@@ -1,8 +1,10 @@
 """One real-browser test: JupyterLab (headless, localhost) + Debian's Chromium, driven by Selenium.
 
-The test writes a small notebook that trains a tiny SAE on glassllm-en and shows a `FeatureExplorer`, opens it in
+The first test writes a small notebook that trains a tiny SAE on glassllm-en and shows a `FeatureExplorer`, opens it in
 JupyterLab, runs all cells, then moves the feature slider with the keyboard and types into the linked text box, and
-checks that the stats line, the slider readout and the plotly histogram (its title and SVG bars) change.
+checks that the stats line, the slider readout and the plotly histogram (its title and SVG bars) change. The second
+shows a `PromptFeaturesWidget` on the same SAE, types a new prompt (Enter) and checks that the shaded tokens and the
+feature buttons follow it, then clicks a feature button and checks that the explorer and the ablation plot open on it.
 
 Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (Debian: `apt-get install chromium chromium-driver`); skipped
 with the reason when they (or selenium / jupyterlab) are absent. Every wait is bounded; the server is killed at the end.
@@ -42,6 +44,13 @@ explorer = FeatureExplorer(model, sae, tokens, hook, feature=start, n_examples=5
 explorer
 """
 
+PROMPT = """\
+# prompt-features
+from sae_nb.widgets import PromptFeaturesWidget
+pw = PromptFeaturesWidget(model, sae, hook, "import os", k=3, index=index)
+pw
+"""
+
 # bounded waits (seconds)
 SERVER_START, PAGE_LOAD, RUN_ALL, UI_CHANGE = 90, 120, 420, 60
 
@@ -52,9 +61,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _notebook() -> dict:
+def _notebook(widget_cell: str = EXPLORER) -> dict:
     cell = lambda src: dict(cell_type="code", execution_count=None, id=secrets.token_hex(4), metadata={}, outputs=[], source=src)
-    return dict(nbformat=4, nbformat_minor=5, cells=[cell(SETUP), cell(EXPLORER)],
+    return dict(nbformat=4, nbformat_minor=5, cells=[cell(SETUP), cell(widget_cell)],
                 metadata=dict(kernelspec=dict(name="python3", display_name="Python 3 (ipykernel)", language="python")))
 
 
@@ -68,6 +77,7 @@ def lab(tmp_path):
     pytest.importorskip("jupyterlab", reason="jupyterlab is not installed (pip install jupyterlab)")
     root = tmp_path / "root"; root.mkdir()
     (root / "explorer.ipynb").write_text(json.dumps(_notebook(), indent=1))
+    (root / "prompt.ipynb").write_text(json.dumps(_notebook(PROMPT), indent=1))
     port, token = _free_port(), secrets.token_hex(16)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1",
@@ -126,6 +136,7 @@ def browser(tmp_path):
                               options=opts)
     driver.set_page_load_timeout(PAGE_LOAD)
     driver.set_script_timeout(30)
+    driver.sae_nb_shots = tmp_path
     try: yield driver
     finally: driver.quit()
 
@@ -140,6 +151,10 @@ def _wait(driver, condition, timeout, what):
             if value: return value
         except WebDriverException as e: last_error = e
         time.sleep(0.5)
+    shots = getattr(driver, "sae_nb_shots", None)  # what the page showed, kept in pytest's tmp folder
+    if shots is not None:
+        try: driver.save_screenshot(str(shots / "timeout.png"))
+        except WebDriverException: pass
     pytest.fail(f"Timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error.msg})" if last_error else ""))
 
 
@@ -214,3 +229,48 @@ def test_feature_explorer_in_jupyterlab(lab, browser):
     assert state2["histogram"]["bars"] == state0["histogram"]["bars"], "the same feature should draw the same histogram"
     browser.save_screenshot(str(tmp_path / "explorer.png"))  # kept in pytest's tmp folder, for a look
     print(f"browser test: {time.monotonic() - t0:.1f}s in the browser, features {f0} -> {f0 + 1} -> {f0}")
+
+
+PROMPT_JS = """
+const root = document.querySelector('.sae-nb-prompt-features');
+if (!root) return null;
+const tokens = [...root.querySelectorAll('.sae-nb-prompt-tokens .sae-nb-token')].map(e => e.textContent.replace(/\\u00a0/g, ' '));
+const buttons = [...root.querySelectorAll('.sae-nb-feature-button')].filter(b => b.offsetParent !== null).map(b => b.textContent);
+const stats = root.querySelector('.sae-nb-feature-explorer .sae-nb-stats');
+const titles = [...root.querySelectorAll('.js-plotly-plot .gtitle')].map(t => t.textContent);
+return {tokens, buttons, stats: stats ? stats.textContent : null, titles};
+"""
+
+
+def test_prompt_features_in_jupyterlab(lab, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    url, token, tmp_path = lab
+    t0 = time.monotonic()
+    browser.get(f"{url}/lab/tree/prompt.ipynb?reset&token={token}")
+    _wait(browser, lambda d: d.execute_script(KERNEL_STATUS_JS) == "idle", PAGE_LOAD, "the notebook's kernel to be idle")
+    browser.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells');")
+    state0 = _wait(browser, lambda d: (s := d.execute_script(PROMPT_JS)) and "".join(s["tokens"]).endswith("import os") and s,
+                   RUN_ALL, "the PromptFeaturesWidget to render the prompt's tokens")
+    assert state0["buttons"], f"no feature buttons: {state0}"  # the strongest token has features
+
+    # 1. type a new prompt, Enter: the tokens and the buttons follow
+    new = "def parse_args(argv):"
+    box = browser.find_element(By.CSS_SELECTOR, ".sae-nb-prompt-features .sae-nb-prompt-box input")
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(new, Keys.ENTER)
+    state1 = _wait(browser, lambda d: (s := d.execute_script(PROMPT_JS)) and "".join(s["tokens"]).endswith(new) and s,
+                   UI_CHANGE, "the widget to show the typed prompt's tokens")
+    assert len(state1["tokens"]) > len(state0["tokens"]), state1
+    assert state1["buttons"] and all(re.match(r"\d+ \(", b) for b in state1["buttons"]), state1
+
+    # 2. click the first feature button: the explorer and the ablation plot open on that feature
+    feature = int(state1["buttons"][0].split(" ")[0])
+    button = [b for b in browser.find_elements(By.CSS_SELECTOR, ".sae-nb-prompt-features .sae-nb-feature-button") if b.is_displayed()][0]
+    button.click()
+    state2 = _wait(browser, lambda d: (s := d.execute_script(PROMPT_JS)) and s["stats"] and s["stats"].startswith(f"feature {feature}:")
+                   and any(f"feature {feature} ablated" in t for t in s["titles"]) and s,
+                   UI_CHANGE, f"the explorer and the ablation plot to open on feature {feature}")
+    browser.save_screenshot(str(tmp_path / "prompt.png"))
+    print(f"browser test: {time.monotonic() - t0:.1f}s in the browser, prompt typed, feature {feature} opened")
