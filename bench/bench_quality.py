@@ -4,6 +4,8 @@ Run from the repository root (no figure is asserted; this prints):
 
     .venv/bin/python bench/bench_quality.py --part frontier       # topk k in --ks and standard at --l1-ours/--l1-saelens
     .venv/bin/python bench/bench_quality.py --part ablate         # our topk k=--ablate-k defaults, one change at a time
+    .venv/bin/python bench/bench_quality.py --part ablate --architecture standard --ablations saelens,none,no_sched,b_dec_none,b_dec_none+no_sched
+                                                                  # the same for standard (ReLU + L1) at each --ablate-l1
     .venv/bin/python bench/bench_quality.py --quick               # a smoke run at tiny shapes (2-7 minutes; figures mean nothing)
 
 What it does:
@@ -29,6 +31,11 @@ What it does:
   loss recovered are interpolated linearly in log L0 between our two nearest points ("matched L0" rows).
 --part ablate: our topk at k=--ablate-k, defaults, then one change at a time (b_dec init, lr warm-up, decay,
   clipping, encoder init scale, AuxK window and coefficient, lr), plus SAELens' default, all scored together.
+  `--architecture standard`: the same ablations for the standard (ReLU + L1) SAE, each at every coefficient of
+  `--ablate-l1` (ours) and SAELens' at every one of `--ablate-l1-saelens` (the two libraries' coefficients mean
+  different things, see above). A schedule change moves L0 as well as fidelity, so besides the raw rows (KL paired
+  against the first SAELens row, at whatever L0 each has), each variant's loss recovered and KL are interpolated in
+  log L0 between its own two nearest points at every SAELens L0 and at our defaults' L0s ("matched L0" table).
   The `train_sae` calls run on `--pkg` if given (a copy of `sae_nb` at a known commit, put first on sys.path).
 Wall and CPU seconds of each training run are printed; the machine is shared, so the load (`uptime`) is printed at
 each stage, and a 4096x1536x6144 float32 GEMM rate is measured at the start (and the end) as the machine's yardstick.
@@ -217,6 +224,24 @@ def table(rows, res, ref=None):
         print(f"| {name:<34} | {r['l0']:.1f} | {r['ev']:.4f} | {r['lr']:.4f} | {r['kl']:.4f} | {d} | {info['wall']:.0f} | {info['cpu']:.0f} | {info['load']} |")
 
 
+def matched_table(abl, res):
+    "Standard ablation: each variant's loss recovered and KL interpolated in log L0 at every SAELens L0 and every L0 of our defaults."
+    groups = {}
+    for name in abl:
+        variant = name.rsplit(" l1=", 1)[0].removeprefix("ablate ")
+        groups.setdefault(variant, []).append((res[name]["l0"], res[name]["lr"], res[name]["kl"]))
+    at = sorted(float(res[n]["l0"]) for n in abl if "saelens" in n or n.startswith("ablate ours none "))
+    print("\n## Matched L0 (each variant interpolated in log L0 between its own two nearest points; '-' outside its range)\n")
+    print("| variant | its L0 points | " + " | ".join(f"loss rec. / KL at L0 {x:.1f}" for x in at) + " |")
+    print("|---|---|" + "---|" * len(at))
+    for variant, pts in groups.items():
+        cells = []
+        for x in at:
+            m = next(((lr_, kl) for l0, lr_, kl in pts if l0 == x), None) or interp_at(x, pts)
+            cells.append("-" if m is None else f"{m[0]:.4f} / {m[1]:.4f}")
+        print(f"| {variant} | {', '.join(f'{p[0]:.1f}' for p in sorted(pts))} | " + " | ".join(cells) + " |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["frontier", "ablate", "all"], default="all")
@@ -229,6 +254,9 @@ def main():
     p.add_argument("--l1-saelens", default="1,3", help="SAELens l1_coefficient values (standard)")
     p.add_argument("--archs", default="topk,standard")
     p.add_argument("--ablate-k", type=int, default=32)
+    p.add_argument("--architecture", choices=["topk", "standard"], default="topk", help="--part ablate: the architecture ablated")
+    p.add_argument("--ablate-l1", default="0.5,1.5", help="--architecture standard: our l1_coefficient values (each ablation runs at each)")
+    p.add_argument("--ablate-l1-saelens", default="1,3", help="--architecture standard: SAELens' l1_coefficient values")
     p.add_argument("--ablations", default="all", help="comma list of ablation names (see ABLATIONS; 'saelens' for SAELens' default), or all")
     p.add_argument("--seeds", default="0", help="training seeds for the ablation's defaults and SAELens rows")
     p.add_argument("--eval-tokens", type=int, default=4096)
@@ -309,9 +337,24 @@ def main():
             "b_dec_mean+warmup_5pct": dict(b_dec_init="mean", lr_warmup_steps=max(1, round(0.05 * T))),
             "lr_x2": dict(lr=2 * lr),
             "lr_x2+warmup_5pct": dict(lr=2 * lr, lr_warmup_steps=max(1, round(0.05 * T))),
+            "cli": dict(lr_warmup_steps=min(50, T // 10), b_dec_init="mean"),  # what `sae_nb train`/`sweep` pass
         }
         names = ["saelens", *ABLATIONS] if a.ablations == "all" else a.ablations.split(",")
-        for s in seeds:
+        unknown = [nm for nm in names if nm != "saelens" and nm not in ABLATIONS]
+        if unknown: raise SystemExit(f"unknown ablations {unknown}: choose from saelens, {', '.join(ABLATIONS)}")
+        if a.architecture == "standard":
+            names = [nm for nm in names if nm not in ("enc_scale_0.1", "auxk_window_short", "auxk_window_short_coef1")]  # topk only
+            for s in seeds:
+                tag = f" s{s}" if len(seeds) > 1 else ""
+                if "saelens" in names:
+                    for l1 in (float(x) for x in a.ablate_l1_saelens.split(",")):
+                        run(f"ablate saelens l1={l1:g}{tag}", train_saelens, "standard", d_in, d_sae, lr, l1=l1, seed=s)
+                for nm in names:
+                    if nm == "saelens" or (s != seeds[0] and nm != "none"): continue
+                    for l1 in (float(x) for x in a.ablate_l1.split(",")):
+                        over = dict(ABLATIONS[nm]); lr_run = over.pop("lr", lr)
+                        run(f"ablate ours {nm} l1={l1:g}{tag}", train_ours, "standard", d_in, d_sae, lr_run, l1=l1, seed=s, **over)
+        for s in (seeds if a.architecture == "topk" else []):
             tag = f" s{s}" if len(seeds) > 1 else ""
             if "saelens" in names: run(f"ablate saelens k={k}{tag}", train_saelens, "topk", d_in, d_sae, lr, k=k, seed=s)
             for nm in names:
@@ -359,8 +402,10 @@ def main():
     abl = {n: i for n, i in info.items() if n.startswith("ablate")}
     if abl:
         ref = next((n for n in abl if "saelens" in n), next(iter(abl)))
-        print(f"\n## Ablation (topk k={a.ablate_k}; KL differences paired against {ref!r})\n")
+        what = f"topk k={a.ablate_k}" if a.architecture == "topk" else "standard (ReLU + L1)"
+        print(f"\n## Ablation ({what}; KL differences paired against {ref!r})\n")
         table(abl, res, ref)
+        if a.architecture == "standard": matched_table(abl, res)
     log(f"GEMM 4096x1536x6144 fp32 at the end: {gemm_rate():.0f} GFLOP/s")
 
 
