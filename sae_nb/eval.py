@@ -708,6 +708,44 @@ def _decode_is_affine(sae, scale: float) -> bool:
     expected = scale * sae.W_dec[idx] + sae.b_dec
     return torch.allclose(sae.decode(onehot), expected, rtol=1e-5, atol=1e-6 * max(1.0, abs(scale)))
 
+def _relu_encoder(sae):
+    "`(W_enc, b_enc, b_dec or None)` when `sae.encode(x)` is `relu((x - b_dec) @ W_enc + b_enc)` (a plain standard SAE), else None."
+    from sae_nb.sae import SAE, StandardSAE  # eval does not import the SAE module otherwise
+    t = type(sae)
+    if not (isinstance(sae, StandardSAE) and t.encode is SAE.encode and t.encode_pre is SAE.encode_pre and t.activation is StandardSAE.activation): return None
+    return sae.W_enc, sae.b_enc, (sae.b_dec if sae.cfg.apply_b_dec_to_input else None)
+
+def _roundtrip_tiled(W_enc, b_enc, b_in, # the encoder (`_relu_encoder`)
+                     decoded_rows, # decoded_rows(start, end): decode(scale * e_i) for features start..end-1, [end - start, d_in]
+                     d_sae: int, # features
+                     rows: int = 256, cols: int = 2048, # tile: rows x cols pre-activations, reduced before the next tile is computed
+                    ):
+    "Per-row self activation, max, argmax, mean and mean square of `relu(decoded @ W_enc + b_enc)`, one rows x cols tile at a time in one reused buffer."
+    dev, dt = W_enc.device, W_enc.dtype
+    r_self, r_max, r_sum, r_sq = (torch.empty(d_sae, dtype=dt, device=dev) for _ in range(4))
+    argmax = torch.empty(d_sae, dtype=torch.long, device=dev)
+    buf = torch.empty(rows, min(cols, d_sae), dtype=dt, device=dev)
+    for i0 in range(0, d_sae, rows):
+        i1 = min(i0 + rows, d_sae)
+        x = decoded_rows(i0, i1)
+        if b_in is not None: x = x - b_in
+        n = i1 - i0
+        m = torch.full((n,), -torch.inf, dtype=dt, device=dev); a = torch.zeros(n, dtype=torch.long, device=dev)
+        s = torch.zeros(n, dtype=dt, device=dev); q = torch.zeros(n, dtype=dt, device=dev)
+        for j0 in range(0, d_sae, cols):
+            j1 = min(j0 + cols, d_sae)
+            t = torch.addmm(b_enc[j0:j1], x, W_enc[:, j0:j1], out=buf[:n, : j1 - j0]).relu_()  # in place: the tile stays hot
+            bm, ba = t.max(dim=1)
+            better = bm > m  # strictly: ties keep the earlier (lower) index, as a max over the whole row
+            m = torch.where(better, bm, m); a = torch.where(better, ba + j0, a)
+            s += t.sum(1); q += torch.linalg.vector_norm(t, dim=1).square()
+            lo, hi = max(i0, j0), min(i1, j1)  # the diagonal's part in this tile: feature i's own activation
+            if lo < hi:
+                d = torch.arange(lo, hi, device=dev)
+                r_self[lo:hi] = t[d - i0, d - j0]
+        r_max[i0:i1], argmax[i0:i1], r_sum[i0:i1], r_sq[i0:i1] = m, a, s, q
+    return r_self, r_max, r_sum / d_sae, r_sq / d_sae, argmax
+
 @torch.inference_mode()
 def roundtrip(sae: torch.nn.Module, # the SAE (W_dec [d_sae, d_in], b_dec, encode, decode)
               scale: float = 1.0, # c: the one-hot's value
@@ -721,6 +759,11 @@ def roundtrip(sae: torch.nn.Module, # the SAE (W_dec [d_sae, d_in], b_dec, encod
     with _eval_mode(sae):
         affine = _decode_is_affine(sae, scale)
         W_dec, dev = sae.W_dec, sae.W_dec.device
+        enc = _relu_encoder(sae) if affine else None
+        if enc is not None:  # a standard SAE: one buffer of chunk_size x d_sae written in place (no fresh tensors per chunk)
+            r_self, r_max, r_mean, r_msq, argmax = _roundtrip_tiled(*enc, lambda i0, i1: torch.add(sae.b_dec, W_dec[i0:i1], alpha=scale), d_sae,
+                                                                   rows=chunk_size, cols=d_sae)
+            return _roundtrip_result(r_self, r_max, r_mean, r_msq, argmax)
         out = {k: torch.empty(d_sae, dtype=W_dec.dtype, device=dev) for k in ("self_activation", "max", "mean", "mean_square")}
         argmax = torch.empty(d_sae, dtype=torch.long, device=dev)
         for start in range(0, d_sae, chunk_size):

@@ -361,7 +361,7 @@ class SAE(nn.Module):
                       dead_mask: torch.Tensor | None = None, # bool [d_sae]: features dead so far (for AuxK)
                       target: torch.Tensor | None = None, # transcoders only (required): the activations to predict [..., d_out]
                      ) -> dict:
-        "Loss terms for one batch: `loss` (to backprop) = `mse` + `sparsity` + `aux` (+ `inner_mse`, Matryoshka); also `feature_acts`, `x_hat` ([..., d_out]). MSE and AuxK are against `target` for a transcoder, else `x`."
+        "Loss terms for one batch: `loss` (to backprop) = `mse` + `sparsity` + `aux` (+ `inner_mse`, Matryoshka); also `feature_acts`, `x_hat` ([..., d_out]); some paths add detached statistics `l0`, `l1` (per-token means) and `fired` (bool [d_sae]). MSE and AuxK are against `target` for a transcoder, else `x`."
         x = self._flat_input(x).to(self.dtype)
         y = self._target(x, target)
         pre = self.encode_pre(x)
@@ -485,6 +485,62 @@ def _init_b_dec_(self, sample: torch.Tensor, # activations [N, d_in] (or [..., d
 
 SAE.init_b_dec_ = _init_b_dec_
 
+# %% ../nbs/04_sae.ipynb #a8cbbb9c
+class _Workspace:
+    "Reusable `[rows, cols]` scratch tensors, one per name, grown on demand; a trainer gives its SAE one (`sae._workspace`) so each step writes in place."
+    def __init__(self): self.bufs = {}
+    def get(self, name: str, # which buffer
+            rows: int, cols: int, # the shape wanted
+            like: torch.Tensor, # dtype and device
+           ) -> torch.Tensor:
+        "A `[rows, cols]` view of buffer `name` (its old contents; the caller overwrites it)."
+        b = self.bufs.get(name)
+        if b is None or b.shape[0] < rows or b.shape[1] != cols or b.dtype != like.dtype or b.device != like.device:
+            b = self.bufs[name] = like.new_empty(max(rows, 1), cols)
+        return b[:rows]
+
+def _scratch(ws, name, rows, cols, like):
+    "A `_Workspace` buffer, or a fresh tensor when there is no workspace."
+    return ws.get(name, rows, cols, like) if ws is not None else like.new_empty(rows, cols)
+
+# %% ../nbs/04_sae.ipynb #d9e2ab88
+class _StandardStep(torch.autograd.Function):
+    "A standard SAE's training forward in two `[n, d_sae]` tensors: `f = relu(addmm)` in place, `x_hat = addmm(b_dec, f, W_dec)`, `f.sum(0)`; backward in one more, in place."
+    @staticmethod
+    def forward(ctx, x2, b_dec_in, W_enc, b_enc, W_dec, b_dec, ws):
+        n, d_sae = x2.shape[0], W_enc.shape[1]
+        xc = x2 - b_dec_in if b_dec_in is not None else x2
+        f = torch.addmm(b_enc, xc, W_enc, out=_scratch(ws, "f", n, d_sae, W_enc)).relu_()  # pre-activations, then ReLU in place
+        x_hat = torch.addmm(b_dec, f, W_dec)
+        fsum = f.sum(0)
+        G = _scratch(ws, "g", n, d_sae, W_enc)  # the backward's gradient buffer; first it counts the active features
+        l0 = torch.sign(f, out=G).sum() / max(n, 1)  # f >= 0: sign is 0/1, and a float sum is ~10x faster than counting
+        ctx.save_for_backward(xc, f, W_enc, W_dec)
+        ctx.G, ctx.has_b_dec_in = G, b_dec_in is not None
+        ctx.mark_non_differentiable(l0)
+        ctx.set_materialize_grads(False)
+        return f, x_hat, fsum, l0
+
+    @staticmethod
+    def backward(ctx, g_f, g_xhat, g_fsum, _):
+        xc, f, W_enc, W_dec = ctx.saved_tensors
+        need_x, need_b_in, need_W_enc, need_b_enc, need_W_dec, need_b_dec, _ = ctx.needs_input_grad
+        G = ctx.G  # dL/df = g_xhat @ W_dec.T + g_fsum (each row) + g_f, in one buffer
+        base = g_fsum if g_fsum is not None else f.new_zeros(())
+        if g_xhat is not None: torch.addmm(base, g_xhat, W_dec.T, out=G)  # base broadcast to every row
+        else: G.copy_(base.expand(G.shape))
+        if g_f is not None: G.add_(g_f)
+        torch.ops.aten.threshold_backward.grad_input(G, f, 0.0, grad_input=G)  # ReLU backward in place: 0 where f == 0
+        gx = gb_in = gW_enc = gb_enc = gW_dec = gb_dec = None
+        if need_W_dec and g_xhat is not None: gW_dec = f.T @ g_xhat
+        if need_b_dec and g_xhat is not None: gb_dec = g_xhat.sum(0)
+        if need_W_enc: gW_enc = xc.T @ G
+        if need_b_enc or need_b_in: gb_enc = G.sum(0)
+        if need_x: gx = G @ W_enc.T
+        if need_b_in: gb_in = -(gx.sum(0) if gx is not None else W_enc @ gb_enc)
+        ctx.G = None
+        return gx, gb_in, gW_enc, (gb_enc if need_b_enc else None), gW_dec, gb_dec, None
+
 # %% ../nbs/04_sae.ipynb #af8e7f6a
 class StandardSAE(SAE):
     "ReLU SAE trained with an L1 penalty weighted by decoder row norms (the study's architecture)."
@@ -494,30 +550,75 @@ class StandardSAE(SAE):
         "`coefficient * mean_t sum_i f_i ||W_dec_i||`, computed as `coefficient * (sum_t f_t) . ||W_dec|| / n_tokens`."
         f2 = f.reshape(-1, f.shape[-1])  # one pass over f, no [n_tokens, d_sae] temporary (nor in backward)
         return coefficient * (f2.sum(0) @ self.W_dec.norm(dim=1)) / f2.shape[0]
+    def training_loss(self, x, sparsity_coefficient, dead_mask=None, target=None):
+        "As `SAE.training_loss`, through `_StandardStep` (the same values and gradients); adds `l0` and `l1`, the batch's mean active count and L1 (detached)."
+        x = self._flat_input(x).to(self.dtype)
+        y = self._target(x, target)
+        d_in, d_sae, d_out, lead = self.cfg.d_in, self.cfg.d_sae, self.cfg.out_width, x.shape[:-1]
+        x2 = x.reshape(-1, d_in)
+        n = x2.shape[0]
+        f2, xh2, fsum, l0 = _StandardStep.apply(x2, self.b_dec if self.cfg.apply_b_dec_to_input else None, self.W_enc, self.b_enc,
+                                                self.W_dec, self.b_dec, getattr(self, "_workspace", None))
+        x_hat = xh2.reshape(*lead, d_out)
+        if self.cfg.transcoder: x_hat = x_hat + self.skip_out(x)
+        mse = (x_hat - y).pow(2).sum(-1).mean()
+        sparsity = sparsity_coefficient * (fsum @ self.W_dec.norm(dim=1)) / n
+        out = _loss_dict(mse, sparsity, x_hat.new_zeros(()), None, f2.reshape(*lead, d_sae), x_hat)
+        out.update(l0=l0, l1=fsum.detach().sum() / max(n, 1))
+        return out
 
 SAE_CLASSES["standard"] = StandardSAE
 
 # %% ../nbs/04_sae.ipynb #d32e63bf
+def _csr(crow, cols, values, n_rows, n_cols):
+    "The `[n_rows, n_cols]` CSR matrix of the token-major pairs (`crow`: each row's start, then the pair count; columns ascending in each row)."
+    with warnings.catch_warnings():  # torch calls its CSR support "beta" on first use; the products used here are tested below
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_cols), check_invariants=False)  # valid by construction
+
 class _GatherEncode(torch.autograd.Function):
     "`pre[rows, cols]` (pre computed without grad) with the encoder's sparse backward: only selected columns get gradient."
     @staticmethod
-    def forward(ctx, x2, b_dec, W_enc, b_enc, pre, rows, cols):
-        ctx.save_for_backward(x2, b_dec, W_enc, rows, cols)
+    def forward(ctx, x2, b_dec, W_enc, b_enc, pre, rows, cols, crow=None):
+        ctx.save_for_backward(x2, b_dec, W_enc, rows, cols, crow)
         return pre[rows, cols]
 
     @staticmethod
     def backward(ctx, gv):
-        x2, b_dec, W_enc, rows, cols = ctx.saved_tensors
+        x2, b_dec, W_enc, rows, cols, crow = ctx.saved_tensors
         need_x, need_b_dec, need_W, need_b = ctx.needs_input_grad[:4]
         d_in, d_sae = W_enc.shape
         gx = gb_dec = gW = gb = None
         if need_b or need_b_dec: gb = gv.new_zeros(d_sae).index_add_(0, cols, gv)
-        if need_W or need_x:
+        if (need_W or need_x) and crow is not None and gv.device.type == "cpu":  # CSR, token-major: no sort, and W_enc's layout directly
+            G = _csr(crow, cols, gv, x2.shape[0], d_sae)  # dL/dpre [n, d_sae]
+            if need_W: gW = torch.mm((x2 - b_dec if b_dec is not None else x2).T, G)  # [d_in, d_sae], contiguous: no transposed copy
+            if need_x: gx = torch.mm(G, W_enc.T)
+        elif need_W or need_x:
             G_T = torch.sparse_coo_tensor(torch.stack([cols, rows]), gv, (d_sae, x2.shape[0]), check_invariants=False)  # dL/dpre, transposed; indices valid by construction
-        if need_W: gW = torch.sparse.mm(G_T, x2 - b_dec if b_dec is not None else x2).T  # [d_in, d_sae]
-        if need_x: gx = torch.sparse.mm(G_T.t(), W_enc.T)
+            if need_W: gW = torch.sparse.mm(G_T, x2 - b_dec if b_dec is not None else x2).T  # [d_in, d_sae]
+            if need_x: gx = torch.sparse.mm(G_T.t(), W_enc.T)
         if need_b_dec: gb_dec = -(gx.sum(0) if gx is not None else W_enc @ gb)
-        return gx, gb_dec, gW, (gb if need_b else None), None, None, None
+        return gx, gb_dec, gW, (gb if need_b else None), None, None, None, None
+
+class _SparseDecode(torch.autograd.Function):
+    "`sum_j vals_j W_dec[cols_j]` per token (`embedding_bag`); `W_dec`'s gradient as one CSR product on the CPU (no index sort)."
+    @staticmethod
+    def forward(ctx, vals, W_dec, cols, offsets, crow):
+        out, offset2bag, _, _ = torch.ops.aten._embedding_bag(W_dec, cols, offsets, False, 0, False, vals, False, -1)
+        ctx.save_for_backward(vals, W_dec, cols, offsets, offset2bag, crow)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        vals, W_dec, cols, offsets, offset2bag, crow = ctx.saved_tensors
+        g = g.contiguous()
+        gv = gW = None
+        if ctx.needs_input_grad[0]:
+            gv = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, W_dec, cols, offsets, offset2bag, 0, -1)
+        if ctx.needs_input_grad[1]:
+            gW = torch.sparse.mm(_csr(crow, cols, vals, g.shape[0], W_dec.shape[0]).t(), g)  # [d_sae, d_in]
+        return gv, gW, None, None, None
 
 # %% ../nbs/04_sae.ipynb #0f7410a3
 def auxk_loss(x: torch.Tensor, # activations [..., d_in]
@@ -602,7 +703,7 @@ class TopKSAE(SAE):
         "`(rows, cols, offsets)`: the (token, feature) pairs `activation` keeps, token-major, and where each token's start."
         n, k = pre.shape[0], self.cfg.k
         tok = torch.arange(n, device=pre.device)
-        return tok.repeat_interleave(k), pre.topk(k, dim=-1, sorted=False).indices.reshape(-1), tok * k
+        return tok.repeat_interleave(k), pre.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values.reshape(-1), tok * k  # ascending per token (CSR)
     def training_loss(self, x, sparsity_coefficient, dead_mask=None, target=None):
         "As `SAE.training_loss`; on the sparse path the decoder and the encoder's backward touch only the active features (transcoders too)."
         if not self._use_sparse(): return super().training_loss(x, sparsity_coefficient, dead_mask, target)
@@ -613,8 +714,11 @@ class TopKSAE(SAE):
         b_dec_in = self.b_dec if self.cfg.apply_b_dec_to_input else None
         with torch.no_grad(): pre = torch.addmm(self.b_enc, x2 - b_dec_in if b_dec_in is not None else x2, self.W_enc)  # as _Encode; no graph
         rows, cols, offsets = self._select(pre)
-        vals = _GatherEncode.apply(x2, b_dec_in, self.W_enc, self.b_enc, pre, rows, cols).relu()
-        x_hat = torch.nn.functional.embedding_bag(cols, self.W_dec, offsets, per_sample_weights=vals, mode="sum") + self.b_dec
+        crow = None  # each token's first pair, then the pair count: the CSR form of the selection, for the CPU's sparse products
+        if pre.device.type == "cpu": crow = torch.cat([offsets, offsets.new_full((1,), cols.numel())])
+        vals = _GatherEncode.apply(x2, b_dec_in, self.W_enc, self.b_enc, pre, rows, cols, crow).relu()
+        if crow is not None: x_hat = _SparseDecode.apply(vals, self.W_dec, cols, offsets, crow) + self.b_dec
+        else: x_hat = torch.nn.functional.embedding_bag(cols, self.W_dec, offsets, per_sample_weights=vals, mode="sum") + self.b_dec
         if self.cfg.transcoder: x_hat = x_hat + self.skip_out(x2)
         mse = (x_hat - y2).pow(2).sum(-1).mean()
         aux, dead_mask = x_hat.new_zeros(()), _checked_dead_mask(dead_mask, d_sae, pre.device)
@@ -636,8 +740,11 @@ class TopKSAE(SAE):
             cols, self.W_dec, offsets, per_sample_weights=torch.where((cols >= lo) & (cols < hi), vals, 0), mode="sum"))
         self._after_training_forward(vals.detach())  # the nonzero features are exactly the positive vals
         f = pre.zero_().index_put_((rows, cols), vals)  # dense features in pre's memory, differentiable w.r.t. vals
-        lead = x.shape[:-1]
-        return _loss_dict(mse, x_hat.new_zeros(()), aux, inner, f.reshape(*lead, d_sae), x_hat.reshape(*lead, d_out))
+        lead, v, n = x.shape[:-1], vals.detach(), max(x2.shape[0], 1)
+        out = _loss_dict(mse, x_hat.new_zeros(()), aux, inner, f.reshape(*lead, d_sae), x_hat.reshape(*lead, d_out))
+        # the trainer's statistics from the n*k selected values, not from the dense [n, d_sae] features
+        out.update(fired=v.new_zeros(d_sae).scatter_reduce_(0, cols, v, "amax") > 0, l0=(v > 0).sum(dtype=torch.float32) / n, l1=v.sum() / n)
+        return out
     def fold_W_dec_norm(self):
         "Only for equal row norms (e.g. after `fold_activation_norm_scaling_factor`): other rescalings change which features are in the top k."
         n = self.W_dec.detach().double().norm(dim=1)

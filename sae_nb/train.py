@@ -10,6 +10,7 @@ __all__ = ['DEFAULT_STEPS', 'DEAD_FEATURE_WINDOW_MAX', 'ARCHITECTURES_WITH_AUXK'
 # %% ../nbs/05_train.ipynb #e3c1bb62
 import atexit
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import math
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 # %% ../nbs/05_train.ipynb #599bb2aa
 from .config import (SaeNbError, in_test, get_device, seed_everything, atomic_path, write_json_atomic, read_json,
                            save_safetensors_atomic, load_safetensors_checked, folder_lock, LOCK_NAME)
-from .sae import ARCHITECTURES, SAE, SAE_CLASSES, SAEConfig
+from .sae import ARCHITECTURES, SAE, SAE_CLASSES, SAEConfig, _Workspace
 
 # %% ../nbs/05_train.ipynb #1fdf4d86
 DEFAULT_STEPS = 4000
@@ -75,6 +76,7 @@ class TrainConfig:
     out_dir: str | Path | None = None  # run folder: checkpoints/, sae/, history.json (None: nothing written)
     resume: bool = False  # continue from out_dir's latest checkpoint
     device: str | None = None  # None: cuda > mps > cpu (under torchrun: cuda:LOCAL_RANK)
+    autocast_dtype: str | None = None  # "bfloat16": forward and backward in a bf16 copy of the SAE; float32 master weights, Adam state and thresholds (None: all in the SAE's dtype)
     b_dec_init: str | None = "geometric_median"  # "mean" | "geometric_median" of the first batch | None: keep b_dec
     wandb_project: str | None = None  # log to this Weights & Biases project (wandb imported only then)
     show_progress: bool = True  # tqdm progress bar with live loss and L0
@@ -154,6 +156,8 @@ class TrainConfig:
         if self.keep_checkpoints is not None and (not is_int(self.keep_checkpoints) or self.keep_checkpoints < 1):
             bad("keep_checkpoints", "must be a whole number >= 1 or None", "use e.g. 2, or None to keep all")
         if self.resume and self.out_dir is None: bad("resume", "needs the run folder to resume from", "set out_dir")
+        if self.autocast_dtype not in (None, "bfloat16"):
+            bad("autocast_dtype", "is not a supported compute dtype", "use 'bfloat16' or None")
         if self.b_dec_init not in ("mean", "geometric_median", None):
             bad("b_dec_init", "unknown method", "use 'mean', 'geometric_median' or None")
         if self.wandb_project is not None and (not isinstance(self.wandb_project, str) or not self.wandb_project):
@@ -701,7 +705,8 @@ def _load_optimizer(sae, # the SAE
     for i, name in enumerate(names):
         s = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optimizer.{name}.") and k.count(".") == name.count(".") + 2}
         if s: state[i] = s
-    groups = [dict(g, params=list(range(len(names)))) for g in groups_json]
+    how = {k: v for k, v in optimizer.param_groups[0].items() if k in ("fused", "foreach")}  # this run's kernel choice, not the saved one
+    groups = [dict(g, params=list(range(len(names))), **how) for g in groups_json]
     groups[0]["betas"] = tuple(groups[0]["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
@@ -952,6 +957,17 @@ def _trainer_phase(f):
     return f
 
 # %% ../nbs/05_train.ipynb #0bdd8d01
+def _make_adam(sae, # the SAE
+               tc: TrainConfig, # lr, betas, eps
+               dev: torch.device, # where it trains
+              ) -> torch.optim.Adam:
+    "torch's fused Adam where it has one (CUDA; the CPU since torch 2.4, ~4x faster there than the default foreach one), else the default."
+    kw = dict(lr=tc.lr, betas=tc.adam_betas, eps=tc.adam_eps)
+    if dev.type in ("cuda", "cpu"):
+        try: return torch.optim.Adam(sae.parameters(), fused=True, **kw)
+        except (RuntimeError, ValueError): pass  # an older torch, or a dtype its fused kernel lacks
+    return torch.optim.Adam(sae.parameters(), **kw)
+
 @_trainer_phase
 def _trainer_prepare(self):
     "Move the SAE to the device; make Adam, the lr schedule, the resampling generator, the counters and an empty history."
@@ -959,7 +975,7 @@ def _trainer_prepare(self):
     sae.to(P.device).train()
     self.dtype, self.dev = sae.W_enc.dtype, P.device
     dev = self.dev
-    self.optimizer = torch.optim.Adam(sae.parameters(), lr=tc.lr, betas=tc.adam_betas, eps=tc.adam_eps, fused=True if dev.type == "cuda" else None)
+    self.optimizer = _make_adam(sae, tc, dev)
     self.decay, self.l1_warm = tc.num_decay_steps, tc.num_l1_warmup_steps
     T, decay = self.T, self.decay
     self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, T, tc.lr_warmup_steps, decay))
@@ -975,6 +991,7 @@ def _trainer_prepare(self):
     self.scale = None  # the activation scale training runs at (normalize_activations); None: raw activations
     self.x = self.x_hat = None  # the last step's (scaled) input and reconstruction, for the log row
     self.written = None  # the checkpoint folder written last (rank 0)
+    sae._workspace = _Workspace()  # the step's [batch, d_sae] scratch tensors, reused (see `_StandardStep`); dropped when training ends
 
 # %% ../nbs/05_train.ipynb #77f5d5dd
 @_trainer_phase
@@ -1067,7 +1084,13 @@ def _trainer_resume(self):
 def _trainer_ready(self):
     "After start or resume: the DDP wrapper, the bound on the firing counters, the resampling steps, the current lr and coefficient."
     tc, P = self.tc, self.P
-    self.model = _LossModule(self.sae)
+    self.compute = None  # autocast_dtype: the low-precision copy the forward and backward run in (the SAE itself stays the float32 master)
+    if tc.autocast_dtype is not None:
+        if self.sae.dtype != torch.float32:
+            raise SaeNbError(f"autocast_dtype={tc.autocast_dtype!r} needs a float32 SAE (its weights are the master copy); this one is {self.sae.dtype}: build it with dtype='float32'.")
+        self.compute = copy.deepcopy(self.sae).to(getattr(torch, tc.autocast_dtype))  # thresholds stay float32 (`SAE._apply`)
+        self.compute._workspace = _Workspace()
+    self.model = _LossModule(self.compute if self.compute is not None else self.sae)
     if P.distributed:
         self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None,
                                                          find_unused_parameters=False)
@@ -1084,6 +1107,24 @@ def _trainer_dead_mask(self) -> torch.Tensor:
     "`[d_sae]` bool: the features that have not fired for a whole dead-feature window."
     return self.tokens_since_fired >= self.window
 
+
+@_trainer_phase
+def _trainer_master_grads(self):
+    "autocast: the compute copy's gradients to the float32 master's `.grad` (and its buffers, e.g. BatchTopK's threshold, back to the master)."
+    with torch.no_grad():
+        for p, q in zip(self.sae.parameters(), self.compute.parameters()):
+            p.grad = None if q.grad is None else q.grad.to(p.dtype)
+            q.grad = None
+        for b, c in zip(self.sae.buffers(), self.compute.buffers()): b.copy_(c)
+
+@_trainer_phase
+def _trainer_sync_compute(self):
+    "autocast: the compute copy's weights and buffers from the master's, after every change to the master."
+    if self.compute is None: return
+    with torch.no_grad():
+        for p, q in zip(self.sae.parameters(), self.compute.parameters()): q.copy_(p)
+        for b, c in zip(self.sae.buffers(), self.compute.buffers()): c.copy_(b)
+
 # %% ../nbs/05_train.ipynb #636f9dd4
 @_trainer_phase
 def _trainer_take_step(self, x: torch.Tensor, # this rank's batch `[b, d_in]`, on the device, in the SAE's dtype, unscaled
@@ -1095,9 +1136,12 @@ def _trainer_take_step(self, x: torch.Tensor, # this rank's batch `[b, d_in]`, o
     n_local = x.shape[0]
     self.coef_now = tc.l1_coefficient * l1_factor(step, self.l1_warm)
     dead_mask = self.dead_mask() if self.sae.uses_dead_mask and self.since_fired_bound >= self.window else None
-    out_ = self.model(x, self.coef_now, dead_mask, y) if y is not None else self.model(x, self.coef_now, dead_mask)
+    comp = self.compute  # autocast: the batch in the compute copy's dtype
+    xc, yc = (x, y) if comp is None else (x.to(comp.dtype), None if y is None else y.to(comp.dtype))
+    out_ = self.model(xc, self.coef_now, dead_mask, yc) if y is not None else self.model(xc, self.coef_now, dead_mask)
     loss = out_["loss"]
     loss.backward()
+    if comp is not None: self.master_grads()
     sae.on_before_optimizer_step()
     if tc.grad_clip_norm is not None: torch.nn.utils.clip_grad_norm_(sae.parameters(), tc.grad_clip_norm)
     self.optimizer.step()
@@ -1105,20 +1149,26 @@ def _trainer_take_step(self, x: torch.Tensor, # this rank's batch `[b, d_in]`, o
     self.scheduler.step()
     self.optimizer.zero_grad(set_to_none=True)
     sae.on_after_optimizer_step()
+    self.sync_compute()
     with torch.no_grad():
         f, x_hat = out_["feature_acts"].detach(), out_["x_hat"].detach()
-        active = f != 0
-        fired = active.any(0).to(torch.int32)
+        n_feat = max(f.numel() // max(f.shape[-1], 1), 1)  # tokens in f
+        # every architecture's features are >= 0 (ReLU'd), so one max per column finds the fired ones, and sum/n is the L1;
+        # the L0 count is slow on a CPU (bool reductions): training_loss reports it where it is cheap, else it is counted
+        fired = out_["fired"].to(torch.int32) if "fired" in out_ else (f.reshape(-1, f.shape[-1]).amax(0) > 0).to(torch.int32)
         P.all_reduce(fired, dist.ReduceOp.MAX if P.distributed else None)
         global_tokens = n_local * P.world_size
         self.tokens_since_fired.add_(global_tokens).masked_fill_(fired.bool(), 0)
-        self.acc[:6] += torch.stack([loss.detach(), out_["mse"].detach(), out_["sparsity"].detach(), out_["aux"].detach(),
-                                     f.abs().sum(-1).mean(), active.sum(-1).float().mean()]).double() * n_local
+        l1 = out_["l1"] if "l1" in out_ else f.sum() / n_feat
+        l0 = out_["l0"] if "l0" in out_ else (f != 0).sum(dtype=torch.float32) / n_feat
+        self.acc[:6] += torch.stack([t.detach().to(self.acc.dtype) for t in (loss, out_["mse"], out_["sparsity"], out_["aux"], l1, l0)]) * n_local
         self.acc[6] += n_local
         self.acc[7] += 1
-        self.bad_input_step.copy_(torch.where((self.bad_input_step < 0) & ~(torch.isfinite(x).all() & (torch.isfinite(y).all() if y is not None else True)), step, self.bad_input_step))
+        # a NaN or inf anywhere makes the sum non-finite (a sum of finite activations overflows only when their squares, in the loss, already have)
+        finite_in = torch.isfinite(x.sum()) & (torch.isfinite(y.sum()) if y is not None else True)
+        self.bad_input_step.copy_(torch.where((self.bad_input_step < 0) & ~finite_in, step, self.bad_input_step))
         self.bad_loss_step.copy_(torch.where((self.bad_loss_step < 0) & ~torch.isfinite(loss.detach()), step, self.bad_loss_step))
-        del out_, loss, f, active
+        del out_, loss, f
     self.x, self.x_hat, self.y = x, x_hat, (y if y is not None else x)  # y: what x_hat predicts
     self.step += 1
     self.tokens += global_tokens
@@ -1151,6 +1201,7 @@ def _trainer_resample(self, inputs: list, # this rank's batches drawn for resamp
                                 dead_now, self.resample_gen, self.P)
     self.tokens_since_fired.masked_fill_(dead_now, 0)
     self.resampled_since_log += n
+    self.sync_compute()
 
 # %% ../nbs/05_train.ipynb #9ce8a874
 @_trainer_phase
@@ -1211,6 +1262,7 @@ def _trainer_checkpoint(self, data_states: list, # every rank's data position (o
 @_trainer_phase
 def _trainer_finish(self):
     "Fold the activation scale into the weights (the saved and returned SAE read raw activations); rank 0 saves `out_dir/sae` and `history.json`."
+    self.compute = None  # autocast's copy: the master is the SAE
     if self.scale is not None: self.sae.fold_activation_norm_scaling_factor(self.scale)
     if self.out is not None and self.P.is_main:
         _save_sae_folder(self.sae, self.out / "sae")
@@ -1379,6 +1431,9 @@ def _drive(data, # an ActivationStore, a [N, d_in] tensor, or an iterable of [ba
             if has_out and last_checkpoint_step != step: checkpoint()
     finally:
         pbar.close()
+        for t in trainers:  # the step's scratch tensors: freed with the run
+            t.sae._workspace = None
+            if getattr(t, "compute", None) is not None: t.compute._workspace = None
         if wandb is not None: wandb.finish()
     for t in trainers: t.finish()
     if has_out: P.barrier()
