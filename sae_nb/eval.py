@@ -430,6 +430,8 @@ def _finish(sums: _Sums, d_sae: int) -> dict:
                feature_density=density,
                ce_clean=ce["clean"], ce_sae=ce["sae"], ce_zero=ce["zero"], ce_mean=ce["mean"],
                loss_recovered=(ce["zero"] - ce["sae"]) / denom if denom != 0 else math.nan,
+               loss_recovered_mean=((ce["mean"] - ce["sae"]) / (ce["mean"] - ce["clean"])
+                                    if ce["mean"] != ce["clean"] else math.nan),  # against mean-ablating the hook
                kl=sums.kl / n, top1_agreement=sums.top1 / n, top5_overlap=sums.top5 / n,
                n_tokens=n, n_loss_tokens=sums.n_loss)
     # SAEBench core's extra metrics (same tokens)
@@ -451,7 +453,8 @@ def _standard_errors(w: dict, # per-window sums (`_Sums.window_sums`)
     se = dict(mse_se=ratio_se(w["sse"], w["n"]), fvu_se=fvu_se, explained_variance_se=fvu_se, l0_se=ratio_se(w["l0"], w["n"]),
               kl_se=ratio_se(w["kl"], w["n"]), kl_zero_se=ratio_se(w["kl_zero"], w["n"]),
               kl_div_score_se=ratio_se(w["kl_zero"] - w["kl"], w["kl_zero"]),
-              loss_recovered_se=ratio_se(w["ce_zero"] - w["ce_sae"], w["ce_zero"] - w["ce_clean"]))
+              loss_recovered_se=ratio_se(w["ce_zero"] - w["ce_sae"], w["ce_zero"] - w["ce_clean"]),
+              loss_recovered_mean_se=ratio_se(w["ce_mean"] - w["ce_sae"], w["ce_mean"] - w["ce_clean"]))
     for k in ("clean", "sae", "zero", "mean"): se[f"ce_{k}_se"] = ratio_se(w[f"ce_{k}"], w["n_loss"])
     return dict(se, n_windows=int(w["n"].numel()))
 
