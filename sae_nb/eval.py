@@ -89,6 +89,7 @@ def _is_transcoder(sae) -> bool:
     "Whether `sae` is a transcoder (`SAEConfig.transcoder`): it reads one hook and replaces another."
     return bool(getattr(getattr(sae, "cfg", None), "transcoder", False))
 
+# %% ../nbs/06_eval.ipynb #1fb99974
 def _in_hook(sae, hook_name: str | None) -> str:
     "The hook the SAE reads: `hook_name`, or `sae.cfg.hook_name` when None."
     if hook_name is None: hook_name = getattr(getattr(sae, "cfg", None), "hook_name", None)
@@ -96,6 +97,7 @@ def _in_hook(sae, hook_name: str | None) -> str:
         raise SaeNbError("No hook_name given and the SAE's cfg names none: pass hook_name (the hook it reads, e.g. 'blocks.0.mlp.hook_post').")
     return hook_name
 
+# %% ../nbs/06_eval.ipynb #8ec6fe18
 def _check_hook_order(model: HookedTransformer, hook_in: str, hook_out: str):
     "Refuse unless `hook_in` fires before (or is) `hook_out` in one forward pass (checked on a 2-token run)."
     fired = []
@@ -109,6 +111,7 @@ def _check_hook_order(model: HookedTransformer, hook_in: str, hook_out: str):
                          f"{hook_out!r} in the forward pass (order seen: {fired}): pass an input hook upstream of the output "
                          "hook, e.g. 'blocks.0.ln2.hook_normalized' -> 'blocks.0.hook_mlp_out'.")
 
+# %% ../nbs/06_eval.ipynb #624b6678
 def _out_hook(model: HookedTransformer, # the model
               sae: torch.nn.Module, # the SAE or transcoder
               hook_name: str, # the hook it reads
@@ -133,10 +136,12 @@ def _out_hook(model: HookedTransformer, # the model
     _check_hook_order(model, hook_name, out)
     return out
 
+# %% ../nbs/06_eval.ipynb #26c098cc
 def _transcoder_predict(sae, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     "A transcoder's prediction from its input x and features f = encode(x): decode(f) + skip_out(x), i.e. sae(x)."
     return sae.decode(f) + sae.skip_out(x)
 
+# %% ../nbs/06_eval.ipynb #33939311
 def splice_transcoder_hooks(sae: torch.nn.Module, # the transcoder (encode/decode/skip_out, cfg.d_in/out_width)
                             hook_name: str, # the hook it reads, e.g. "blocks.0.ln2.hook_normalized"
                             hook_name_out: str, # the hook whose activation it replaces, e.g. "blocks.0.hook_mlp_out"
@@ -470,6 +475,7 @@ def evaluation_row(result: dict, # the dict `evaluate` returns
 DENSITY_TOKENS = 100_000
 "Default number of counted tokens `feature_density` streams (see the prose above for why)."
 
+# %% ../nbs/06_eval.ipynb #c270b534
 def _density_windows(model, source, n_tokens, exclude_bos):
     "The checked token windows `feature_density` streams: whole windows until `n_tokens` counted positions (None: all)."
     tokens = _token_windows(model, source, "feature_density", "density tokens")
@@ -485,6 +491,7 @@ def _density_windows(model, source, n_tokens, exclude_bos):
                          f"to use all {available:,} (densities below ~{3 / available:.1e} then look dead).")
     return tokens[: int((counted < n_tokens).sum()) + 1]
 
+# %% ../nbs/06_eval.ipynb #ea1a18e8
 @torch.inference_mode()
 def feature_density(model: HookedTransformer, # the model the SAE was trained on
                     sae: torch.nn.Module, # the SAE (encode, W_dec)
@@ -522,6 +529,7 @@ def feature_density(model: HookedTransformer, # the model the SAE was trained on
             del f, active
     return _density_result(fired, windows_fired, act_sum, n, len(tokens), dense_threshold)
 
+# %% ../nbs/06_eval.ipynb #60a2aed9
 def _density_result(fired, windows_fired, act_sum, n, n_windows, dense_threshold=0.1) -> dict:
     "The `feature_density` dict from per-feature counts over `n` tokens in `n_windows` windows."
     density = (fired.double() / n).cpu()
@@ -702,6 +710,7 @@ def _check_roundtrip_applies(sae):
                          f"reads d_in={_d_in(sae)} and writes d_out={sae.cfg.out_width}: it does not apply; use `evaluate` "
                          "(evaluation by replacement) for transcoders.")
 
+# %% ../nbs/06_eval.ipynb #3b2c5c1a
 def _decode_is_affine(sae, scale: float) -> bool:
     "Whether decode(scale * e_i) == scale * W_dec[i] + b_dec for the first and last feature."
     d_sae = sae.W_dec.shape[0]
@@ -711,6 +720,7 @@ def _decode_is_affine(sae, scale: float) -> bool:
     expected = scale * sae.W_dec[idx] + sae.b_dec
     return torch.allclose(sae.decode(onehot), expected, rtol=1e-5, atol=1e-6 * max(1.0, abs(scale)))
 
+# %% ../nbs/06_eval.ipynb #e112bfb2
 def _relu_encoder(sae):
     "`(W_enc, b_enc, b_dec or None)` when `sae.encode(x)` is `relu((x - b_dec) @ W_enc + b_enc)` (a plain standard SAE), else None."
     from sae_nb.sae import SAE, StandardSAE  # eval does not import the SAE module otherwise
@@ -718,6 +728,7 @@ def _relu_encoder(sae):
     if not (isinstance(sae, StandardSAE) and t.encode is SAE.encode and t.encode_pre is SAE.encode_pre and t.activation is StandardSAE.activation): return None
     return sae.W_enc, sae.b_enc, (sae.b_dec if sae.cfg.apply_b_dec_to_input else None)
 
+# %% ../nbs/06_eval.ipynb #c4be8346
 def _roundtrip_tiled(W_enc, b_enc, b_in, # the encoder (`_relu_encoder`)
                      decoded_rows, # decoded_rows(start, end): decode(scale * e_i) for features start..end-1, [end - start, d_in]
                      d_sae: int, # features
@@ -749,6 +760,7 @@ def _roundtrip_tiled(W_enc, b_enc, b_in, # the encoder (`_relu_encoder`)
         r_max[i0:i1], argmax[i0:i1], r_sum[i0:i1], r_sq[i0:i1] = m, a, s, q
     return r_self, r_max, r_sum / d_sae, r_sq / d_sae, argmax
 
+# %% ../nbs/06_eval.ipynb #73ccfe49
 @torch.inference_mode()
 def roundtrip(sae: torch.nn.Module, # the SAE (W_dec [d_sae, d_in], b_dec, encode, decode)
               scale: float = 1.0, # c: the one-hot's value
@@ -785,6 +797,7 @@ def roundtrip(sae: torch.nn.Module, # the SAE (W_dec [d_sae, d_in], b_dec, encod
             del r, decoded
     return _roundtrip_result(out["self_activation"], out["max"], out["mean"], out["mean_square"], argmax)
 
+# %% ../nbs/06_eval.ipynb #83be4248
 def _roundtrip_result(r_self, r_max, r_mean, r_mean_square, argmax) -> dict:
     "The roundtrip dict from per-feature r_i, max_j r_j, mean_j r_j, mean_j r_j^2 and argmax_j r_j."
     return dict(max_ratio=r_self / r_max, mean_ratio=r_self / r_mean, square_ratio=r_self.square() / r_mean_square,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 # %% ../nbs/04_sae.ipynb #c5df441a
 import torch
+from fastcore.basics import patch
 from torch import nn
 
 # %% ../nbs/04_sae.ipynb #f211188c
@@ -43,10 +44,12 @@ RESHAPE_ACTIVATIONS = ("none", "hook_z")  # SAELens: "hook_z" SAEs read [..., n_
 # %% ../nbs/04_sae.ipynb #8dbe1bbf
 def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
 
+# %% ../nbs/04_sae.ipynb #9b59bab8
 def _is_attn_hook_z(hook_name, hook_head_index) -> bool:
     "An attention hook_z read whole (all heads: `[..., n_heads, d_head]`), not one head of it."
     return isinstance(hook_name, str) and hook_name.endswith("attn.hook_z") and hook_head_index is None
 
+# %% ../nbs/04_sae.ipynb #963145c4
 @dataclass
 class SAEConfig:
     "Architecture, shape, dtype/device, training knobs and SAELens metadata of an SAE; validated on construction."
@@ -193,12 +196,14 @@ def _fp_check(x: torch.Tensor, d_in: int, what: str = "x", hint: str = ""):
         raise SaeNbError(f"{what} has shape {tuple(x.shape)} but the SAE reads d_in={d_in} features in the last dimension: "
                          f"pass activations of shape [..., {d_in}]{hint}.")
 
+# %% ../nbs/04_sae.ipynb #822159bd
 def _threshold_dtype(dtype: torch.dtype) -> torch.dtype:
     "The dtype thresholds are kept in: float32, or the SAE's dtype if wider (a bf16 step cannot move a threshold by lr)."
     return torch.promote_types(dtype, torch.float32)
 
 SAE_CLASSES: dict = {}  # architecture name -> SAE subclass; each subclass cell registers itself
 
+# %% ../nbs/04_sae.ipynb #d61fdb1f
 class SAE(nn.Module):
     "Sparse autoencoder base: weights, pre-activations, decoder, training loss, unit-norm decoder, save/load."
     architecture: str = ""  # set by each subclass
@@ -286,38 +291,6 @@ class SAE(nn.Module):
         if self.cfg.transcoder: return x_hat + self.skip_out(x)
         return x_hat if x_hat.shape == x.shape else x_hat.reshape(x.shape)  # hook_z input: heads back
 
-    def skip_out(self, x: torch.Tensor, # activations [..., d_in]
-                ) -> torch.Tensor:
-        "A skip transcoder's linear term `x @ W_skip.T`, [..., d_out]; 0 (a scalar) without `skip`."
-        if not self.cfg.skip: return self.W_dec.new_zeros(())
-        return self._flat_input(x).to(self.dtype) @ self.W_skip.T
-
-    def _target(self, x: torch.Tensor, # the flattened input batch [..., d_in]
-                target: torch.Tensor | None, # `training_loss`'s target
-               ) -> torch.Tensor:
-        "What the loss reconstructs: `x` for an SAE, the checked `target` [..., d_out] (in the SAE's dtype) for a transcoder."
-        if not self.cfg.transcoder:
-            if target is not None: raise SaeNbError("target= is for transcoders (SAEConfig(transcoder=True)): an SAE reconstructs its input; drop target.")
-            return x
-        if target is None:
-            raise SaeNbError("A transcoder's loss needs target=: the activations at hook_name_out for the same tokens as x, shape [..., d_out].")
-        want = (*x.shape[:-1], self.cfg.out_width)
-        if not isinstance(target, torch.Tensor) or tuple(target.shape) != want:
-            got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
-            raise SaeNbError(f"target has shape {got} but needs {want} (x's tokens, d_out={self.cfg.out_width}): pass the "
-                             "hook_name_out activations of the same tokens as x.")
-        return target.to(self.dtype)
-
-    @torch.no_grad()
-    def inference_l0(self, x: torch.Tensor, # activations [..., d_in]
-                    ) -> torch.Tensor:
-        "Mean active features per token of the SAE as saved (eval mode: BatchTopK uses its threshold), a 0-d tensor; no device read."
-        was_training = self.training
-        self.train(False)
-        try: f = self.encode(x)
-        finally: self.train(was_training)
-        return (f != 0).sum(-1, dtype=torch.float32).mean()
-
     def _apply(self, fn, recurse=True):
         "As `nn.Module._apply` (behind `.to`, `.half`, `.cuda`...), except that a `threshold` keeps `_threshold_dtype`, cast from its value before the call."
         th = self._parameters.get("threshold")
@@ -335,49 +308,98 @@ class SAE(nn.Module):
             else: self._buffers["threshold"] = value
         return self
 
-    def sparsity_loss(self, f: torch.Tensor, # features [..., d_sae]
-                      pre: torch.Tensor, # pre-activations [..., d_sae]
-                      coefficient: float, # the sparsity coefficient
-                     ) -> torch.Tensor:
-        "The sparsity term as added to the loss (already times `coefficient`), a scalar."
-        return f.new_zeros(())
+# %% ../nbs/04_sae.ipynb #d9d1efe0
+@patch
+def skip_out(self: SAE, x: torch.Tensor, # activations [..., d_in]
+            ) -> torch.Tensor:
+    "A skip transcoder's linear term `x @ W_skip.T`, [..., d_out]; 0 (a scalar) without `skip`."
+    if not self.cfg.skip: return self.W_dec.new_zeros(())
+    return self._flat_input(x).to(self.dtype) @ self.W_skip.T
 
-    def aux_loss(self, x: torch.Tensor, # activations [..., d_in] in the SAE's dtype
-                 x_hat: torch.Tensor, # reconstruction [..., d_in]
-                 pre: torch.Tensor, # pre-activations [..., d_sae]
-                 dead_mask: torch.Tensor | None, # bool [d_sae], True for dead features
+# %% ../nbs/04_sae.ipynb #3bbd5235
+@patch
+def _target(self: SAE, x: torch.Tensor, # the flattened input batch [..., d_in]
+            target: torch.Tensor | None, # `training_loss`'s target
+           ) -> torch.Tensor:
+    "What the loss reconstructs: `x` for an SAE, the checked `target` [..., d_out] (in the SAE's dtype) for a transcoder."
+    if not self.cfg.transcoder:
+        if target is not None: raise SaeNbError("target= is for transcoders (SAEConfig(transcoder=True)): an SAE reconstructs its input; drop target.")
+        return x
+    if target is None:
+        raise SaeNbError("A transcoder's loss needs target=: the activations at hook_name_out for the same tokens as x, shape [..., d_out].")
+    want = (*x.shape[:-1], self.cfg.out_width)
+    if not isinstance(target, torch.Tensor) or tuple(target.shape) != want:
+        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise SaeNbError(f"target has shape {got} but needs {want} (x's tokens, d_out={self.cfg.out_width}): pass the "
+                         "hook_name_out activations of the same tokens as x.")
+    return target.to(self.dtype)
+
+# %% ../nbs/04_sae.ipynb #638ce987
+@patch
+@torch.no_grad()
+def inference_l0(self: SAE, x: torch.Tensor, # activations [..., d_in]
                 ) -> torch.Tensor:
-        "Auxiliary loss as added to the loss (0 unless the architecture has one)."
-        return x_hat.new_zeros(())
+    "Mean active features per token of the SAE as saved (eval mode: BatchTopK uses its threshold), a 0-d tensor; no device read."
+    was_training = self.training
+    self.train(False)
+    try: f = self.encode(x)
+    finally: self.train(was_training)
+    return (f != 0).sum(-1, dtype=torch.float32).mean()
 
-    def nested_mse(self, x2: torch.Tensor, # the batch as [n_tokens, d_in], in the SAE's dtype
-                   decode_range, # decode_range(lo, hi): features lo..hi-1's share of x_hat (no b_dec), [n_tokens, d_in]
-                  ) -> torch.Tensor | None:
-        "Reconstruction losses of nested prefixes of the dictionary, added to the loss (Matryoshka); None: the architecture has none."
-        return None
+# %% ../nbs/04_sae.ipynb #76f27aae
+@patch
+def sparsity_loss(self: SAE, f: torch.Tensor, # features [..., d_sae]
+                  pre: torch.Tensor, # pre-activations [..., d_sae]
+                  coefficient: float, # the sparsity coefficient
+                 ) -> torch.Tensor:
+    "The sparsity term as added to the loss (already times `coefficient`), a scalar."
+    return f.new_zeros(())
 
-    def training_loss(self, x: torch.Tensor, # a batch of activations [..., d_in]
-                      sparsity_coefficient: float, # lambda: L1 (standard, gated) or L0 (jumprelu) weight; unused by the k architectures
-                      dead_mask: torch.Tensor | None = None, # bool [d_sae]: features dead so far (for AuxK)
-                      target: torch.Tensor | None = None, # transcoders only (required): the activations to predict [..., d_out]
-                     ) -> dict:
-        "Loss terms for one batch: `loss` (to backprop) = `mse` + `sparsity` + `aux` (+ `inner_mse`, Matryoshka); also `feature_acts`, `x_hat` ([..., d_out]); some paths add detached statistics `l0`, `l1` (per-token means) and `fired` (bool [d_sae]). MSE and AuxK are against `target` for a transcoder, else `x`."
-        x = self._flat_input(x).to(self.dtype)
-        y = self._target(x, target)
-        pre = self.encode_pre(x)
-        f = self.activation(pre)
-        x_hat = self.decode(f)
-        if self.cfg.transcoder: x_hat = x_hat + self.skip_out(x)
-        mse = (x_hat - y).pow(2).sum(-1).mean()
-        sparsity = self.sparsity_loss(f, pre, sparsity_coefficient)
-        aux = self.aux_loss(y, x_hat, pre, dead_mask)
-        f2 = f.reshape(-1, self.cfg.d_sae)
-        inner = self.nested_mse(y.reshape(-1, self.cfg.out_width), lambda lo, hi: f2[:, lo:hi] @ self.W_dec[lo:hi])
-        self._after_training_forward(f)
-        return _loss_dict(mse, sparsity, aux, inner, f, x_hat)
+# %% ../nbs/04_sae.ipynb #c9299fee
+@patch
+def aux_loss(self: SAE, x: torch.Tensor, # activations [..., d_in] in the SAE's dtype
+             x_hat: torch.Tensor, # reconstruction [..., d_in]
+             pre: torch.Tensor, # pre-activations [..., d_sae]
+             dead_mask: torch.Tensor | None, # bool [d_sae], True for dead features
+            ) -> torch.Tensor:
+    "Auxiliary loss as added to the loss (0 unless the architecture has one)."
+    return x_hat.new_zeros(())
 
-    def _after_training_forward(self, f: torch.Tensor): pass
+# %% ../nbs/04_sae.ipynb #38835631
+@patch
+def nested_mse(self: SAE, x2: torch.Tensor, # the batch as [n_tokens, d_in], in the SAE's dtype
+               decode_range, # decode_range(lo, hi): features lo..hi-1's share of x_hat (no b_dec), [n_tokens, d_in]
+              ) -> torch.Tensor | None:
+    "Reconstruction losses of nested prefixes of the dictionary, added to the loss (Matryoshka); None: the architecture has none."
+    return None
 
+# %% ../nbs/04_sae.ipynb #73fb72b2
+@patch
+def training_loss(self: SAE, x: torch.Tensor, # a batch of activations [..., d_in]
+                  sparsity_coefficient: float, # lambda: L1 (standard, gated) or L0 (jumprelu) weight; unused by the k architectures
+                  dead_mask: torch.Tensor | None = None, # bool [d_sae]: features dead so far (for AuxK)
+                  target: torch.Tensor | None = None, # transcoders only (required): the activations to predict [..., d_out]
+                 ) -> dict:
+    "Loss terms for one batch: `loss` (to backprop) = `mse` + `sparsity` + `aux` (+ `inner_mse`, Matryoshka); also `feature_acts`, `x_hat` ([..., d_out]); some paths add detached statistics `l0`, `l1` (per-token means) and `fired` (bool [d_sae]). MSE and AuxK are against `target` for a transcoder, else `x`."
+    x = self._flat_input(x).to(self.dtype)
+    y = self._target(x, target)
+    pre = self.encode_pre(x)
+    f = self.activation(pre)
+    x_hat = self.decode(f)
+    if self.cfg.transcoder: x_hat = x_hat + self.skip_out(x)
+    mse = (x_hat - y).pow(2).sum(-1).mean()
+    sparsity = self.sparsity_loss(f, pre, sparsity_coefficient)
+    aux = self.aux_loss(y, x_hat, pre, dead_mask)
+    f2 = f.reshape(-1, self.cfg.d_sae)
+    inner = self.nested_mse(y.reshape(-1, self.cfg.out_width), lambda lo, hi: f2[:, lo:hi] @ self.W_dec[lo:hi])
+    self._after_training_forward(f)
+    return _loss_dict(mse, sparsity, aux, inner, f, x_hat)
+
+# %% ../nbs/04_sae.ipynb #d7c9dc5c
+@patch
+def _after_training_forward(self: SAE, f: torch.Tensor): pass
+
+# %% ../nbs/04_sae.ipynb #acd7e2d2
 def _loss_dict(mse, sparsity, aux, inner, f, x_hat) -> dict:
     "`training_loss`'s result: `loss` is the sum of the terms; `inner_mse` only where there is one (Matryoshka)."
     out = dict(loss=mse + sparsity + aux, mse=mse, sparsity=sparsity, aux=aux, feature_acts=f, x_hat=x_hat)
@@ -645,6 +667,7 @@ def auxk_loss(x: torch.Tensor, # activations [..., d_in]
 
 _AUXK_COUNT_ON = ("cpu",)  # device types where AuxK counts the dead features on the host (free there) and uses `_auxk_columns`
 
+# %% ../nbs/04_sae.ipynb #50e535fe
 def _auxk_columns(pre_dead: torch.Tensor, # pre-activations of the dead features only [n_tokens, n_dead]
                   W_dec_dead: torch.Tensor, # their decoder rows [n_dead, d_in]
                   residual: torch.Tensor, # x - x_hat, detached [n_tokens, d_in]
@@ -657,6 +680,7 @@ def _auxk_columns(pre_dead: torch.Tensor, # pre-activations of the dead features
     z_aux = torch.zeros_like(pre_dead).scatter(-1, top.indices, top.values)
     return _auxk_scaled(z_aux @ W_dec_dead - residual, dead_mask, d_in, coefficient)
 
+# %% ../nbs/04_sae.ipynb #2d03e450
 def _checked_dead_mask(dead_mask, d_sae: int, device) -> torch.Tensor | None:
     "`dead_mask` as a bool tensor on `device`, checked to be `[d_sae]` (None stays None); reads nothing back from the device."
     if dead_mask is None: return None
@@ -665,6 +689,7 @@ def _checked_dead_mask(dead_mask, d_sae: int, device) -> torch.Tensor | None:
         raise SaeNbError(f"dead_mask must be a bool tensor of shape ({d_sae},), got {dead_mask.dtype} {tuple(dead_mask.shape)}.")
     return dead_mask
 
+# %% ../nbs/04_sae.ipynb #d2923a55
 def _auxk_top(pre2: torch.Tensor, # pre-activations [n_tokens, d_sae]
               dead_mask: torch.Tensor, # bool [d_sae]
               d_in: int, # the SAE's input width
@@ -672,6 +697,7 @@ def _auxk_top(pre2: torch.Tensor, # pre-activations [n_tokens, d_sae]
     "Each token's top k_aux = min(d_in // 2, d_sae) pre-activations among the dead features; with fewer dead, live ones at -inf fill the rest (mask them with `dead_mask[indices]`)."
     return torch.where(dead_mask, pre2, -torch.inf).topk(min(max(d_in // 2, 1), pre2.shape[-1]), dim=-1, sorted=False)
 
+# %% ../nbs/04_sae.ipynb #9e3d85db
 def _auxk_scaled(error: torch.Tensor, # AuxK reconstruction minus the residual [n_tokens, d_in]
                  dead_mask: torch.Tensor, # bool [d_sae]
                  d_in: int, # the SAE's input width
@@ -684,6 +710,7 @@ def _auxk_scaled(error: torch.Tensor, # AuxK reconstruction minus the residual [
     scale = (dead_mask.sum(dtype=count_dtype) / max(d_in // 2, 1)).clamp(max=1.0) * coefficient
     return (scale.to(opmath) * mse).to(mse.dtype)
 
+# %% ../nbs/04_sae.ipynb #844ab859
 class TopKSAE(SAE):
     "TopK SAE: ReLU of the k largest pre-activations per token; AuxK keeps dead features learning."
     architecture = "topk"
@@ -935,12 +962,14 @@ _SAELENS_ARCH = {"standard": "standard", "topk": "topk", "batchtopk": "jumprelu"
                  "matryoshka_batchtopk": "jumprelu", "gated": "gated"}
 _SAVE_ID, _HEADER_CFG = "sae_nb_save_id", "sae_nb_cfg"  # cfg.json metadata / safetensors header keys tying the two files
 
+# %% ../nbs/04_sae.ipynb #d8ef6f03
 def transcoder_arch_name(base: str, # the SAELens inference architecture of the activation: "standard" | "topk" | "jumprelu"
                          skip: bool, # a skip transcoder
                         ) -> str:
     "SAELens' architecture string for a transcoder: transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder (topk_*: sae_nb only)."
     return ("" if base == "standard" else base + "_") + ("skip_" if skip else "") + "transcoder"
 
+# %% ../nbs/04_sae.ipynb #011ca4e0
 def parse_transcoder_arch(arch, # an architecture string from a cfg.json
                          ) -> tuple | None:
     "`(base architecture, skip)` for a transcoder architecture string (inverse of `transcoder_arch_name`), None for an SAE's."
@@ -950,12 +979,14 @@ def parse_transcoder_arch(arch, # an architecture string from a cfg.json
     if skip: stem = stem[:-len("skip")].rstrip("_")
     return stem or "standard", skip
 
+# %% ../nbs/04_sae.ipynb #bd6083a6
 def _sae_nb_version() -> str:
     try:
         from sae_nb import __version__
         return __version__
     except ImportError: return "unknown"
 
+# %% ../nbs/04_sae.ipynb #99d3bf7d
 def _saelens_cfg_dict(cfg: SAEConfig, # the SAE's config (dtype/device as saved)
                      ) -> dict:
     "The `cfg.json` dict SAELens v6 writes for the inference SAE that `cfg` maps to."
@@ -975,10 +1006,12 @@ def _saelens_cfg_dict(cfg: SAEConfig, # the SAE's config (dtype/device as saved)
     d["architecture"] = arch
     return d
 
+# %% ../nbs/04_sae.ipynb #c8414378
 def _version_major(v) -> int | None:
     try: return int(str(v).split(".")[0])
     except ValueError: return None
 
+# %% ../nbs/04_sae.ipynb #7601a7ee
 def _config_from_saelens_dict(d: dict, # a parsed cfg.json (SAELens v6, pre-v6, or sae_nb)
                               path: Path | str, # the file it came from, for messages
                               device: str = "cpu", # device to put in the config
@@ -1129,6 +1162,7 @@ def _device_or_cpu(device) -> str:
     try: return str(get_device(device))
     except (ValueError, TypeError, RuntimeError): return "cpu"  # SaeNbError is a ValueError
 
+# %% ../nbs/04_sae.ipynb #7ece3296
 def _header_metadata(path: Path) -> dict:
     "The string metadata in a safetensors header (`{}` if none), `SaeNbError` naming the file if unreadable."
     from safetensors import safe_open
@@ -1136,6 +1170,7 @@ def _header_metadata(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as f: return dict(f.metadata() or {})
     except Exception as e: raise SaeNbError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}).") from e
 
+# %% ../nbs/04_sae.ipynb #c05c13f6
 def _own_cfg(d, header: dict, cfg_path: Path, w_path: Path) -> tuple:
     "`(cfg dict, where it came from)`: cfg.json's, unless the weights were saved with another sae_nb cfg.json (an interrupted overwrite)."
     own_id = header.get(_SAVE_ID)
@@ -1148,6 +1183,7 @@ def _own_cfg(d, header: dict, cfg_path: Path, w_path: Path) -> tuple:
                   "using the config saved inside the weights file. Save the SAE again to make the folder consistent.")
     return own, f"{w_path} (header {_HEADER_CFG!r})"
 
+# %% ../nbs/04_sae.ipynb #083b738c
 def _tensor_shapes(arch: str, cfg: SAEConfig) -> dict:
     "name -> shape of every tensor an SAE of `arch` saves, from the config alone (nothing allocated)."
     d_out = cfg.out_width  # d_in for an SAE
@@ -1155,12 +1191,14 @@ def _tensor_shapes(arch: str, cfg: SAEConfig) -> dict:
               "threshold": (cfg.d_sae,), "b_gate": (cfg.d_sae,), "b_mag": (cfg.d_sae,), "r_mag": (cfg.d_sae,), "W_skip": (d_out, cfg.d_in)}
     return {n: shapes[n] for n in SAE_CLASSES[arch].tensor_names + (("W_skip",) if cfg.skip else ())}
 
+# %% ../nbs/04_sae.ipynb #66eaafca
 def _hf_cache_repo(folder: Path) -> Path | None:
     "The Hugging Face cache repo (`.../models--x--y`) holding `folder` in one of its `snapshots/`, else None."
     for p in folder.parents:
         if p.name == "snapshots" and (p.parent / "blobs").is_dir(): return p.parent
     return None
 
+# %% ../nbs/04_sae.ipynb #7508b3c7
 def _check_inside(path: Path, folder: Path) -> Path:
     "`path`, refused with `SaeNbError` if it is a link leading out of `folder` (Hugging Face cache snapshots may point into their blobs)."
     if not path.is_symlink(): return path
@@ -1170,6 +1208,7 @@ def _check_inside(path: Path, folder: Path) -> Path:
                          "folder it loads. Copy the file into the folder (e.g. `cp -L`), or load the folder it points to.")
     return path
 
+# %% ../nbs/04_sae.ipynb #4541410b
 @torch.no_grad()
 def _load(cls, folder: str | Path, # a folder with cfg.json + sae_weights.safetensors (sae_nb or SAELens)
           device: str | None = None, # where to put the SAE; None: the saved device if present here, else cpu
