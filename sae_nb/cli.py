@@ -368,19 +368,28 @@ def _apply_resume_settings(args, given: set) -> Path | None:
 def _training_bytes(d_in: int, # the hook's width
                     widths: list, # the d_sae of every SAE trained at once
                     batch_size: int, # activation rows per step
+                    d_out: int | None = None, # transcoders: the output hook's width; None: SAEs (d_out = d_in)
+                    skip: bool = False, # skip-transcoders: a d_in x d_out W_skip too
                    ) -> int:
     "Bytes (float32) of training SAEs at once: weights, gradients and Adam's two moments; each SAE's batch of features and activations; the store's buffer."
-    floats = sum(4 * (2 * d_in * w + 2 * w + d_in) + 3 * batch_size * (d_in + w) for w in widths) + 16 * batch_size * d_in
+    paired, d_out = d_out is not None, d_in if d_out is None else d_out
+    params = lambda w: d_in * w + w * d_out + w + d_out + (d_in * d_out if skip else 0)
+    floats = (sum(4 * params(w) + 3 * batch_size * (d_in + w + (d_out if paired else 0)) for w in widths)
+              + 16 * batch_size * (d_in + (d_out if paired else 0)))  # the store's buffer holds x (and y) rows
     return 4 * floats
 
 def _check_train_memory(d_in: int, # the hook's width
                         d_sae: int, # the SAE's width
                         batch_size: int, # activation rows per step
                         device, # where training runs
+                        d_out: int | None = None, # transcoders: the output hook's width
+                        skip: bool = False, # skip-transcoders
                        ):
     "Refuse (with the figure) a run whose SAE, optimizer state, batch and activation buffer cannot fit on `device`."
-    check_fits_in_memory(_training_bytes(d_in, [d_sae], batch_size),
-                         f"A {d_sae:,}-feature SAE on {d_in}-wide activations with --batch-size {batch_size:,} "
+    what = f"A {d_sae:,}-feature SAE on {d_in}-wide activations" if d_out is None else \
+           f"A {d_sae:,}-feature {'skip-' if skip else ''}transcoder from {d_in}-wide to {d_out}-wide activations"
+    check_fits_in_memory(_training_bytes(d_in, [d_sae], batch_size, d_out, skip),
+                         f"{what} with --batch-size {batch_size:,} "
                          "(weights, gradients and Adam state; a batch's activations and features; the store's buffer) would",
                          device)
 
@@ -420,7 +429,7 @@ def run_train(args) -> dict:
     d_in = _hook_width(model, args.hook)
     d_out = _hook_width(model, args.hook_out) if args.hook_out is not None else None
     sae_cfg, train_cfg = _train_settings(args, d_in, d_out)      # every setting validated before anything is written
-    _check_train_memory(d_in, sae_cfg.d_sae, train_cfg.batch_size, device)
+    _check_train_memory(d_in, sae_cfg.d_sae, train_cfg.batch_size, device, d_out, bool(sae_cfg.skip))
     if train_cfg.batch_size % world_size:
         raise SaeNbError(f"--batch-size {train_cfg.batch_size} does not split over {world_size} ranks: use a multiple of {world_size}.")
     if world_size > 1: torch.distributed.barrier()  # every rank validated its settings before rank 0 writes anything
@@ -448,7 +457,7 @@ def run_train(args) -> dict:
         collect = float(getattr(store, "collect_seconds", 0.0))
         if collect:
             timer.seconds["collect"] = collect; timer.seconds["train"] -= collect
-        if d_out is not None: return _finish_transcoder_run(args, model, sae, history, eval_tokens, timer, d_in, d_out, train_cfg)
+        if d_out is not None: return _finish_transcoder_run(args, model, sae, history, train_tokens, eval_tokens, timer, d_in, d_out, train_cfg)
         with timer("evaluate"):
             metrics = evaluate(model, sae, eval_tokens, args.hook)
             density = _run_density(model, sae, train_tokens, args.hook)
@@ -473,8 +482,8 @@ def run_train(args) -> dict:
         print(f"\nstages (wall time):\n{timer.table()}")
         return summary
 
-def _finish_transcoder_run(args, model, sae, history, eval_tokens, timer, d_in: int, d_out: int, train_cfg) -> dict:
-    "Rank 0 after training a transcoder: evaluate it by replacement and write metrics.json; no density, SAEBench or HTML report yet."
+def _finish_transcoder_run(args, model, sae, history, train_tokens, eval_tokens, timer, d_in: int, d_out: int, train_cfg) -> dict:
+    "Rank 0 after training a transcoder: evaluate it by replacement, measure feature density, write metrics.json and the report."
     out = Path(args.out)
     summary = dict(d_in=d_in, d_out=d_out, d_sae=sae.cfg.d_sae, architecture=sae.cfg.architecture, transcoder=True, skip=bool(sae.cfg.skip),
                    model=args.model, hook=args.hook, hook_out=args.hook_out, corpus=args.corpus, steps=train_cfg.num_steps,
@@ -482,12 +491,18 @@ def _finish_transcoder_run(args, model, sae, history, eval_tokens, timer, d_in: 
                    train_explained_variance=history["explained_variance"][-1] if history["explained_variance"] else None)
     with timer("evaluate"):  # by replacement: the prediction from --hook replaces the activation at --hook-out
         metrics = evaluate(model, sae, eval_tokens, args.hook, hook_name_out=args.hook_out)
-    summary = dict(_scalars(metrics), **summary)
-    print("Note: feature density, saebench_core.json and the HTML report are SAE-only for now: not written for a transcoder.")
+        density = _run_density(model, sae, train_tokens, args.hook)  # the encoder reads --hook: density is as for an SAE
+    summary = dict(_scalars(metrics), **_density_summary(metrics, density), **summary)
+    with timer("report"):
+        summary["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
+        write_json_atomic(summary, out / "metrics.json")
+        if args.report: write_report(out / "report.html", summary, history, density, None)  # no roundtrip: W_dec writes another space
+    print("Note: saebench_core.json is for SAEs (SAEBench's core evaluation reconstructs the input): not written for a transcoder.")
     summary["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
     write_json_atomic(summary, out / "metrics.json")
     print(f"\nTranscoder saved to {out / 'sae'}")
     print(f"metrics on {metrics['n_tokens']} held-out tokens (the prediction replacing {args.hook_out}):\n{format_metrics(metrics)}")
+    print(f"feature density: {describe_density(density)}")
     print(f"\nstages (wall time):\n{timer.table()}")
     return summary
 
@@ -773,20 +788,23 @@ def write_report(path: str | Path, # the report file, e.g. OUT/report.html
                  summary: dict, # run settings + scalar metrics (+ "stage_seconds")
                  history: dict, # `train_sae`'s history
                  density: dict, # `feature_density`'s result (or `evaluate`'s: its feature densities, over fewer tokens)
-                 roundtrip_result: dict, # `roundtrip`'s result
+                 roundtrip_result: dict | None, # `roundtrip`'s result; None: no roundtrip figure (transcoders)
                  features_html: str | None = None, # the run's top features (`sae_nb.dashboard.report_features_html`); None: a pointer to `sae_nb dashboard`
                 ) -> Path:
     "Write a self-contained HTML report of a training run (atomically)."
     import html
     from sae_nb.plots import plot_feature_density, plot_roundtrip, plot_training_curves
-    figs = [plot_training_curves(history), plot_feature_density(density["feature_density"]), plot_roundtrip(roundtrip_result)]
+    figs = [plot_training_curves(history), plot_feature_density(density["feature_density"])]
+    if roundtrip_result is not None: figs.append(plot_roundtrip(roundtrip_result))
     rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td></tr>"
                    for k, v in summary.items() if k != "stage_seconds")
     stages = summary.get("stage_seconds", {})
     total = sum(stages.values()) or 1.0
     stage_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td><td>{100 * v / total:.0f}%</td></tr>" for k, v in stages.items())
     plots = "".join(f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs))
-    title = html.escape(f"sae_nb: {summary.get('architecture')} SAE on {summary.get('model')} {summary.get('hook')}")
+    kind = (f"{'skip-' if summary.get('skip') else ''}transcoder {summary.get('hook')} -> {summary.get('hook_out')}"
+            if summary.get("transcoder") else f"SAE on {summary.get('hook')}")
+    title = html.escape(f"sae_nb: {summary.get('architecture')} {kind}, {summary.get('model')}")
     doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td{padding:2px 12px}"
            "table{border-collapse:collapse}tr:nth-child(even){background:#f4f4f4}</style></head><body>"

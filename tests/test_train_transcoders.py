@@ -193,6 +193,8 @@ def test_cli_trains_a_transcoder(tc_run):
     m = json.loads((out / "metrics.json").read_text())
     assert m["transcoder"] is True and m["skip"] is True and m["hook_out"] == HOUT and m["d_out"] == sae.cfg.d_out
     assert "transcoder to " + HOUT in stdout
+    # the encoder reads --hook, so feature density is measured as for an SAE, over the training stream
+    assert m["density_n_tokens"] > 0 and 0 <= m["dead_fraction"] <= 1 and "feature density:" in stdout
 
 
 def test_cli_transcoder_resume_keeps_its_hooks(tc_run, monkeypatch):
@@ -221,3 +223,22 @@ def test_cli_default_folder_names_the_output_hook(tmp_path, monkeypatch):
 def test_cli_skip_needs_hook_out(tmp_path):
     code, _, err = cli_run("train", *TINY, "--skip", "--steps", 2, "--out", tmp_path / "x")
     assert code == 2 and "--skip is for transcoders" in err, err[-2000:]
+
+
+def test_cli_transcoder_report_has_density_and_no_roundtrip(tmp_path):
+    argv = [a for a in TINY if a != "--no-report"]
+    code, _, err = cli_run("train", *argv, "--hook", HIN, "--hook-out", HOUT, "--steps", 4, "--out", tmp_path / "r")
+    assert code == 0, err[-3000:]
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "transcoder " + HIN + " -&gt; " + HOUT in page and "Feature density" in page
+    assert not (tmp_path / "r" / "saebench_core.json").exists()
+
+
+def test_memory_estimate_counts_the_output_width_and_w_skip():
+    from sae_nb.cli import _training_bytes
+    sae_bytes = _training_bytes(64, [256], 128)
+    wide_out = _training_bytes(64, [256], 128, d_out=4096)
+    # W_dec [256, 4096] and b_dec with grads + Adam (4 copies), targets in the batch (3 copies) and the buffer (16 rows)
+    extra = 4 * (4 * (256 * (4096 - 64) + (4096 - 64)) + 3 * 128 * 4096 + 16 * 128 * 4096)
+    assert wide_out - sae_bytes == extra
+    assert _training_bytes(64, [256], 128, d_out=4096, skip=True) - wide_out == 4 * 4 * 64 * 4096
