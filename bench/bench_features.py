@@ -23,23 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def peak_rss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (1 << 20) if sys.platform == "darwin" else r / 1024
-
-
-def reset_peak_rss() -> bool:
-    "Reset this process's peak RSS (Linux: /proc/self/clear_refs, which getrusage follows); False where unsupported."
-    try:
-        with open("/proc/self/clear_refs", "w") as f: f.write("5")
-        return True
-    except OSError: return False
-
-
-def current_rss_mb() -> float | None:
-    try:
-        with open("/proc/self/statm") as f: return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
-    except OSError: return None
+from bench_activations import current_rss_mb, peak_rss_mb, reset_peak_rss  # one copy of the RSS helpers (bench/ is on sys.path)
 
 
 def setup(args):

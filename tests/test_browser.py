@@ -121,28 +121,35 @@ def lab(tmp_path):
         log.close()
 
 
-@pytest.fixture
-def browser(tmp_path):
-    "Headless Chromium through chromedriver (no selenium-manager download)."
+def chromium_driver(tmp_path, window="1400,2400", console_log=False):
+    "Headless Chromium through chromedriver (no selenium-manager download); `console_log` keeps the browser's console."
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,2400", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+                 "--disable-dev-shm-usage", f"--window-size={window}", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         opts.add_argument(flag)
+    if console_log: opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log")),
                               options=opts)
     driver.set_page_load_timeout(PAGE_LOAD)
     driver.set_script_timeout(30)
     driver.sae_nb_shots = tmp_path
+    return driver
+
+
+@pytest.fixture
+def browser(tmp_path):
+    "Headless Chromium for JupyterLab."
+    driver = chromium_driver(tmp_path)
     try: yield driver
     finally: driver.quit()
 
 
-def _wait(driver, condition, timeout, what):
-    "Poll `condition(driver)` until truthy (returned) or fail after `timeout` s saying `what`."
+def _wait(driver, condition, timeout, what, poll=0.5):
+    "Poll `condition(driver)` every `poll` s until truthy (returned) or fail after `timeout` s saying `what`."
     from selenium.common.exceptions import WebDriverException
     deadline, last_error = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
@@ -150,7 +157,7 @@ def _wait(driver, condition, timeout, what):
             value = condition(driver)
             if value: return value
         except WebDriverException as e: last_error = e
-        time.sleep(0.5)
+        time.sleep(poll)
     shots = getattr(driver, "sae_nb_shots", None)  # what the page showed, kept in pytest's tmp folder
     if shots is not None:
         try: driver.save_screenshot(str(shots / "timeout.png"))

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_browser import _wait as _browser_wait, chromium_driver
+
 CHROMIUM = os.environ.get("SAE_NB_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("SAE_NB_CHROMEDRIVER", "/usr/bin/chromedriver")
 PAGE_LOAD, UI_CHANGE = 60, 20   # bounded waits (seconds)
@@ -47,36 +49,15 @@ def site(tmp_path_factory):
 
 @pytest.fixture
 def browser(tmp_path):
-    "Headless Chromium through chromedriver (no selenium-manager download), keeping the browser's console log."
+    "Headless Chromium (tests/test_browser.py's driver), keeping the browser's console log."
     _need_browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,1600", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log")),
-                              options=opts)
-    driver.set_page_load_timeout(PAGE_LOAD)
-    driver.set_script_timeout(30)
+    driver = chromium_driver(tmp_path, window="1400,1600", console_log=True)
     try: yield driver
     finally: driver.quit()
 
 
 def _wait(driver, condition, timeout, what):
-    "Poll `condition(driver)` until truthy (returned) or fail after `timeout` s saying `what`."
-    from selenium.common.exceptions import WebDriverException
-    deadline, last_error = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        try:
-            value = condition(driver)
-            if value: return value
-        except WebDriverException as e: last_error = e
-        time.sleep(0.2)
-    pytest.fail(f"Timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error.msg})" if last_error else ""))
+    return _browser_wait(driver, condition, timeout, what, poll=0.2)
 
 
 ROWS_JS = "return [...document.querySelectorAll('#feature-list tbody tr')].map(r => [+r.dataset.feature, r.dataset.density === '' ? null : +r.dataset.density, r.querySelector('.lbl').textContent]);"

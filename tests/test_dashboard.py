@@ -3,8 +3,6 @@
 The site is checked as files (every feature has its file, every data file parses, the numbers are the index's), the
 command on a real (tiny) `sae_nb train` run folder, and every refusal before the long work. All on glassllm-en with a
 small SAE and a few hundred tokens. The browser side is tests/test_browser_dashboard.py."""
-import contextlib
-import io
 import json
 import math
 import os
@@ -173,19 +171,7 @@ def test_card_html_for_notebooks(glass):
 S = ["--model", "glassllm-en", "--batch-size", "64", "--context-size", "32", "--eval-windows", "2", "--width", "32"]
 
 
-def run(*argv) -> tuple:
-    "main(argv) in-process: (exit code, stdout, stderr)."
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try: code = cli.main([str(a) for a in argv])
-        except SystemExit as e: code = e.code
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_line(err: str) -> str:
-    lines = [l for l in err.replace("\r", "\n").splitlines() if l.startswith("sae_nb")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    return lines[0]
+from test_edges_cli import one_line, run  # noqa: E402 (one in-process CLI runner for the tests)
 
 
 def forbid(monkeypatch, *names):

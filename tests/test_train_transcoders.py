@@ -164,15 +164,7 @@ TINY = ["--model", "glassllm-en", "--batch-size", 64, "--context-size", 32, "--e
 HIN, HOUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
 
 
-def cli_run(*argv):
-    "sae_nb main(argv) in-process: (exit code, stdout, stderr)."
-    import contextlib, io
-    import sae_nb.cli as cli
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try: code = cli.main([str(a) for a in argv])
-        except SystemExit as e: code = e.code
-    return code, out.getvalue(), err.getvalue()
+from test_edges_cli import run as cli_run  # noqa: E402 (one in-process CLI runner for the tests)
 
 
 @pytest.fixture(scope="module")
