@@ -22,7 +22,7 @@ from .models import check_hook_name
 from .data import bos_token_id, check_token_windows, counted_positions
 from .eval import (_as_token_batch, _d_in, _eval_mode, _in_hook, _is_transcoder, _no_padding_kwargs, _stop_layer,
                          _to_sae_input, roundtrip)
-from .plots import _RESID_HOOKS
+from .plots import residual_directions
 
 # %% ../nbs/11_features.ipynb #6f1eee72
 def _hook_acts(model: HookedTransformer, # the model
@@ -244,28 +244,6 @@ def _coarse_histogram(fine: torch.Tensor, # [d, _N_FINE] fine counts
     idx = (centre[None] / max_act.clamp(min=1e-30)[:, None] * n_bins).floor().clamp(0, n_bins - 1).long()
     return torch.zeros(fine.shape[0], n_bins, dtype=torch.long, device=fine.device).scatter_add_(1, idx, fine)
 
-def _unembed_rows(model: HookedTransformer, # the model
-                  W: torch.Tensor, # [n, width] directions written at `hook_name` (decoder rows)
-                  hook_name: str, # the hook the rows are written to
-                 ) -> torch.Tensor:
-    "The rows as residual-stream directions [n, d_model] through ln_final's scale (`sae_nb.plots.logit_direction`'s rules, batched)."
-    block = check_hook_name(model, hook_name)
-    W = W.to(model.W_U.device, model.W_U.dtype)
-    last = hook_name.rsplit(".", 1)[-1]
-    if hook_name.endswith("mlp.hook_post"): V = W @ model.blocks[block].mlp.W_out
-    elif hook_name.endswith("attn.hook_z"):
-        V = torch.einsum("fhd,hdm->fm", W.reshape(len(W), model.cfg.n_heads, model.cfg.d_head), model.blocks[block].attn.W_O)
-    elif last in _RESID_HOOKS or hook_name == "ln_final.hook_normalized": V = W
-    else:
-        raise SaeNbError(f"Logit effects are defined for hooks whose output reaches the residual stream linearly "
-                         f"(mlp.hook_post, attn.hook_z, {', '.join(_RESID_HOOKS)}), not {hook_name!r}.")
-    if V.shape[-1] != model.cfg.d_model:
-        raise SaeNbError(f"The decoder rows have size {W.shape[-1]}, which does not fit hook {hook_name!r}: use the SAE's own hook.")
-    if hook_name != "ln_final.hook_normalized":
-        if model.cfg.normalization_type in ("LN", "LNPre"): V = V - V.mean(-1, keepdim=True)
-        w = getattr(getattr(model, "ln_final", None), "w", None)
-        if w is not None: V = V * w
-    return V
 
 @torch.inference_mode()
 def _logit_tops(model, W_dec, hook_name, k, chunk=256):
@@ -273,7 +251,7 @@ def _logit_tops(model, W_dec, hook_name, k, chunk=256):
     k = min(k, model.cfg.d_vocab)
     out = [[], [], [], []]
     for start in range(0, len(W_dec), chunk):
-        eff = (_unembed_rows(model, W_dec[start:start + chunk], hook_name) @ model.W_U).float()
+        eff = (residual_directions(model, W_dec[start:start + chunk], hook_name) @ model.W_U).float()
         up, down = eff.topk(k, dim=1), (-eff).topk(k, dim=1)
         for lst, t in zip(out, (up.indices, up.values, down.indices, -down.values)): lst.append(t.cpu())
     return [torch.cat(t) for t in out]

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['DEFAULT_CURVE_KEYS', 'FRONTIER_SETTINGS', 'FRONTIER_LABELS', 'plot_training_curves', 'plot_roundtrip',
            'plot_feature_density', 'plot_top_tokens', 'feature_activations', 'top_activating_examples',
-           'plot_top_activations', 'plot_activation_histogram', 'logit_direction', 'feature_logit_effects',
-           'plot_logit_effects', 'frontier_table', 'plot_frontier']
+           'plot_top_activations', 'plot_activation_histogram', 'residual_directions', 'logit_direction',
+           'feature_logit_effects', 'plot_logit_effects', 'frontier_table', 'plot_frontier']
 
 # %% ../nbs/07_plots.ipynb #ba688680
 import math
@@ -248,6 +248,29 @@ def plot_activation_histogram(acts_of_feature, # one feature's activations, any 
 # %% ../nbs/07_plots.ipynb #3e738e5f
 _RESID_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 
+def residual_directions(model: HookedTransformer, # the model
+                        W: torch.Tensor, # [n, width] directions written at `hook_name` (e.g. decoder rows)
+                        hook_name: str, # the hook they are written to
+                       ) -> torch.Tensor:
+    "The rows as residual-stream directions [n, d_model], through ln_final's centring and scale (the rules above)."
+    block = check_hook_name(model, hook_name)
+    W = W.to(model.W_U.device, model.W_U.dtype)
+    last = hook_name.rsplit(".", 1)[-1]
+    if hook_name.endswith("mlp.hook_post"): V = W @ model.blocks[block].mlp.W_out
+    elif hook_name.endswith("attn.hook_z"):
+        V = torch.einsum("fhd,hdm->fm", W.reshape(len(W), model.cfg.n_heads, model.cfg.d_head), model.blocks[block].attn.W_O)
+    elif last in _RESID_HOOKS or hook_name == "ln_final.hook_normalized": V = W
+    else:
+        raise SaeNbError(f"Logit effects are defined for hooks whose output reaches the residual stream linearly "
+                         f"(mlp.hook_post, attn.hook_z, {', '.join(_RESID_HOOKS)}), not {hook_name!r}.")
+    if V.shape[-1] != model.cfg.d_model:
+        raise SaeNbError(f"The SAE's decoder rows have size {W.shape[-1]}, which does not fit hook {hook_name!r}: use the SAE's own hook.")
+    if hook_name != "ln_final.hook_normalized":
+        if model.cfg.normalization_type in ("LN", "LNPre"): V = V - V.mean(-1, keepdim=True)
+        w = getattr(getattr(model, "ln_final", None), "w", None)
+        if w is not None: V = V * w
+    return V
+
 @torch.inference_mode()
 def logit_direction(model: HookedTransformer, # the model
                     sae: torch.nn.Module, # the SAE
@@ -255,24 +278,9 @@ def logit_direction(model: HookedTransformer, # the model
                     hook_name: str, # the hook the SAE reads
                    ) -> torch.Tensor:
     "The direct-path logit effect [d_vocab] of one unit of `feature` at `hook_name` (see the rules above)."
-    block = check_hook_name(model, hook_name)
     d_sae = sae.W_dec.shape[0]
     if not 0 <= feature < d_sae: raise SaeNbError(f"Feature {feature} out of range: this SAE has features 0..{d_sae - 1}.")
-    d = sae.W_dec[feature].to(model.W_U.device, model.W_U.dtype)
-    last = hook_name.rsplit(".", 1)[-1]
-    if hook_name.endswith("mlp.hook_post"): v = d @ model.blocks[block].mlp.W_out
-    elif hook_name.endswith("attn.hook_z"): v = torch.einsum("hd,hdm->m", d.reshape(model.cfg.n_heads, model.cfg.d_head), model.blocks[block].attn.W_O)
-    elif last in _RESID_HOOKS or hook_name == "ln_final.hook_normalized": v = d
-    else:
-        raise SaeNbError(f"Logit effects are defined for hooks whose output reaches the residual stream linearly "
-                         f"(mlp.hook_post, attn.hook_z, {', '.join(_RESID_HOOKS)}), not {hook_name!r}.")
-    if v.shape[-1] != model.cfg.d_model:
-        raise SaeNbError(f"The SAE's decoder rows have size {d.shape[-1]}, which does not fit hook {hook_name!r}: use the SAE's own hook.")
-    if hook_name != "ln_final.hook_normalized":
-        if model.cfg.normalization_type in ("LN", "LNPre"): v = v - v.mean()
-        w = getattr(getattr(model, "ln_final", None), "w", None)
-        if w is not None: v = v * w
-    return v @ model.W_U
+    return residual_directions(model, sae.W_dec[feature][None], hook_name)[0] @ model.W_U
 
 def feature_logit_effects(model: HookedTransformer, # the model
                           sae: torch.nn.Module, # the SAE
