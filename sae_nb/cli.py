@@ -457,54 +457,35 @@ def run_train(args) -> dict:
         collect = float(getattr(store, "collect_seconds", 0.0))
         if collect:
             timer.seconds["collect"] = collect; timer.seconds["train"] -= collect
-        if d_out is not None: return _finish_transcoder_run(args, model, sae, history, train_tokens, eval_tokens, timer, d_in, d_out, train_cfg)
+        tc = d_out is not None  # a transcoder: evaluated by replacing --hook-out with its prediction; no roundtrip, no SAEBench file
         with timer("evaluate"):
-            metrics = evaluate(model, sae, eval_tokens, args.hook)
-            density = _run_density(model, sae, train_tokens, args.hook)
-            rt = roundtrip(sae)
+            metrics = evaluate(model, sae, eval_tokens, args.hook, hook_name_out=args.hook_out)
+            density = _run_density(model, sae, train_tokens, args.hook)  # the encoder reads --hook, SAE or transcoder
+            rt = None if tc else roundtrip(sae)  # a transcoder's W_dec writes another space than W_enc reads
         out = Path(args.out)
-        summary = dict(_scalars(metrics), **_density_summary(metrics, density),
-                       roundtrip_self_recovered=float(rt["self_recovered"].float().mean()),
+        kind = (dict(d_out=d_out, transcoder=True, skip=bool(sae_cfg.skip), hook_out=args.hook_out) if tc else
+                dict(roundtrip_self_recovered=float(rt["self_recovered"].float().mean())))
+        summary = dict(_scalars(metrics), **_density_summary(metrics, density), **kind,
                        d_in=d_in, d_sae=sae_cfg.d_sae, architecture=sae_cfg.architecture, model=args.model, hook=args.hook,
                        corpus=args.corpus, steps=train_cfg.num_steps, batch_size=train_cfg.batch_size, seed=args.seed)
         with timer("report"):
             summary["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
             write_json_atomic(summary, out / "metrics.json")   # NaN (e.g. an undefined loss recovered) is written as null
-            write_saebench_core(out / "saebench_core.json", metrics, density, sae,
-                                eval_config=dict(model_name=args.model, hook_name=args.hook, dataset=args.corpus,
-                                                 context_size=args.context_size))
+            if not tc:
+                write_saebench_core(out / "saebench_core.json", metrics, density, sae,
+                                    eval_config=dict(model_name=args.model, hook_name=args.hook, dataset=args.corpus,
+                                                     context_size=args.context_size))
             if args.report: write_report(out / "report.html", summary, history, density, rt)
         summary["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
         write_json_atomic(summary, out / "metrics.json")
-        print(f"\nSAE saved to {out / 'sae'}\nmetrics on {metrics['n_tokens']} held-out tokens:\n{format_metrics(metrics)}")
+        if tc: print("Note: saebench_core.json is for SAEs (SAEBench's core evaluation reconstructs the input): not written for a transcoder.")
+        print(f"\n{'Transcoder' if tc else 'SAE'} saved to {out / 'sae'}\nmetrics on {metrics['n_tokens']} held-out tokens"
+              f"{f' (the prediction replacing {args.hook_out})' if tc else ''}:\n{format_metrics(metrics)}")
         print(f"feature density: {describe_density(density)}")
-        print(f"  {'roundtrip self-recovered':<20} {summary['roundtrip_self_recovered']:.4g}")
+        if not tc: print(f"  {'roundtrip self-recovered':<20} {summary['roundtrip_self_recovered']:.4g}")
         print(f"\nstages (wall time):\n{timer.table()}")
         return summary
 
-def _finish_transcoder_run(args, model, sae, history, train_tokens, eval_tokens, timer, d_in: int, d_out: int, train_cfg) -> dict:
-    "Rank 0 after training a transcoder: evaluate it by replacement, measure feature density, write metrics.json and the report."
-    out = Path(args.out)
-    summary = dict(d_in=d_in, d_out=d_out, d_sae=sae.cfg.d_sae, architecture=sae.cfg.architecture, transcoder=True, skip=bool(sae.cfg.skip),
-                   model=args.model, hook=args.hook, hook_out=args.hook_out, corpus=args.corpus, steps=train_cfg.num_steps,
-                   batch_size=train_cfg.batch_size, seed=args.seed,
-                   train_explained_variance=history["explained_variance"][-1] if history["explained_variance"] else None)
-    with timer("evaluate"):  # by replacement: the prediction from --hook replaces the activation at --hook-out
-        metrics = evaluate(model, sae, eval_tokens, args.hook, hook_name_out=args.hook_out)
-        density = _run_density(model, sae, train_tokens, args.hook)  # the encoder reads --hook: density is as for an SAE
-    summary = dict(_scalars(metrics), **_density_summary(metrics, density), **summary)
-    with timer("report"):
-        summary["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
-        write_json_atomic(summary, out / "metrics.json")
-        if args.report: write_report(out / "report.html", summary, history, density, None)  # no roundtrip: W_dec writes another space
-    print("Note: saebench_core.json is for SAEs (SAEBench's core evaluation reconstructs the input): not written for a transcoder.")
-    summary["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
-    write_json_atomic(summary, out / "metrics.json")
-    print(f"\nTranscoder saved to {out / 'sae'}")
-    print(f"metrics on {metrics['n_tokens']} held-out tokens (the prediction replacing {args.hook_out}):\n{format_metrics(metrics)}")
-    print(f"feature density: {describe_density(density)}")
-    print(f"\nstages (wall time):\n{timer.table()}")
-    return summary
 
 # %% ../nbs/10_cli.ipynb #98ab79f8
 MAX_SWEEP_SAES = 64
