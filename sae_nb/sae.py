@@ -515,11 +515,11 @@ class _Workspace:
             rows: int, cols: int, # the shape wanted
             like: torch.Tensor, # dtype and device
            ) -> torch.Tensor:
-        "A `[rows, cols]` view of buffer `name` (its old contents; the caller overwrites it)."
+        "A `[rows, cols]` view of buffer `name` (its old contents; the caller overwrites it), outside any autograd graph."
         b = self.bufs.get(name)
         if b is None or b.shape[0] < rows or b.shape[1] != cols or b.dtype != like.dtype or b.device != like.device:
             b = self.bufs[name] = like.new_empty(max(rows, 1), cols)
-        return b[:rows]
+        return b[:rows].detach()  # never linked to an earlier step's graph, even when the caller writes into it with grad
 
 def _scratch(ws, name, rows, cols, like):
     "A `_Workspace` buffer, or a fresh tensor when there is no workspace."
@@ -739,7 +739,8 @@ class TopKSAE(SAE):
         d_in, d_sae, d_out = self.cfg.d_in, self.cfg.d_sae, self.cfg.out_width
         x2, y2 = x.reshape(-1, d_in), y.reshape(-1, d_out)
         b_dec_in = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        with torch.no_grad(): pre = torch.addmm(self.b_enc, x2 - b_dec_in if b_dec_in is not None else x2, self.W_enc)  # as _Encode; no graph
+        pre = _scratch(getattr(self, "_workspace", None), "f", x2.shape[0], d_sae, self.W_enc)  # the trainer's reused buffer if it gave one (a fresh [n, d_sae] costs page faults)
+        with torch.no_grad(): torch.addmm(self.b_enc, x2 - b_dec_in if b_dec_in is not None else x2, self.W_enc, out=pre)  # as _Encode; no graph
         rows, cols, offsets = self._select(pre)
         crow = None  # each token's first pair, then the pair count: the CSR form of the selection, for the CPU's sparse products
         if pre.device.type == "cpu": crow = torch.cat([offsets, offsets.new_full((1,), cols.numel())])

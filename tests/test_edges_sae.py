@@ -146,3 +146,31 @@ def test_fuzzed_cfg_json_values_load_a_working_sae_or_raise_a_clear_error(tmp_pa
             assert sae.threshold.dtype == torch.promote_types(sae.dtype, torch.float32) if hasattr(sae, "threshold") else True
             x = torch.randn(3, sae.cfg.d_in)
             assert sae(x).shape == x.shape and sae.inference_l0(x).shape == ()
+
+
+def test_a_kill_between_the_two_replaced_files_loads_the_new_sae_whole_with_a_warning(tmp_path, monkeypatch):
+    "A save killed between replacing the weights and cfg.json (simulated: the `os.replace` of cfg.json fails) loads the new SAE, with a warning."
+    import dataclasses, warnings
+    def randomised(sae, seed):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in sae.parameters(): p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        return sae
+    old = randomised(SAE.from_config(SAEConfig("standard", 16, 64, hook_name="blocks.0.mlp.hook_post")), 0)
+    wide = randomised(SAE.from_config(dataclasses.replace(old.cfg, d_sae=80, hook_name="blocks.1.mlp.hook_post")), 7)
+    folder = tmp_path / "killed"; old.save(folder)
+    real_replace = os.replace
+    def dies_before_cfg(a, b):
+        if Path(b) == folder / SAE_CFG_FILENAME: raise OSError("killed before cfg.json was replaced")
+        real_replace(a, b)
+    monkeypatch.setattr(os, "replace", dies_before_cfg)
+    with pytest.raises(OSError, match="killed"): wide.save(folder, overwrite=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert json.loads((folder / SAE_CFG_FILENAME).read_text())["d_sae"] == 64  # the old cfg.json is still there
+    with pytest.warns(UserWarning, match="interrupted"): got = SAE.load(folder)
+    x = torch.randn(4, 5, 16)
+    assert got.cfg == wide.cfg and torch.equal(got(x), wide(x))  # the new SAE whole, not a mix of the two
+    wide.save(folder, overwrite=True)  # the next save makes the folder consistent: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert SAE.load(folder).cfg == wide.cfg

@@ -151,3 +151,20 @@ def test_roundtrip_tiles_equal_the_loop(apply_b_dec):
             if ref[k].dtype == torch.bool or k == "argmax": assert torch.equal(out[k], ref[k]), k
             else: torch.testing.assert_close(out[k], ref[k], rtol=1e-10, atol=1e-12, msg=k)
     assert 0 < int(ref["self_recovered"].sum()) < 37  # both outcomes occur
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_topk_training_in_the_trainers_workspace_equals_the_dense_path(arch):
+    "Several `train_sae` steps of the sparse path (pre-activations written into the trainer's reused buffer) equal the dense path's, in float64."
+    X = _data(n=96, d_in=12, seed=3)
+    sae0 = SAE.from_config(SAEConfig(arch, 12, 48, k=3, dtype="float64"), generator=torch.Generator().manual_seed(4))
+    tc = TrainConfig(batch_size=32, steps=6, lr=1e-2, b_dec_init=None, show_progress=False, log_every=1, seed=0)
+    runs = {}
+    for sparse in (True, False):
+        sae = copy.deepcopy(sae0); sae.sparse_training = sparse
+        _, hist = train_sae(X, sae, tc)
+        runs[sparse] = (sae, hist)
+    (a, ha), (b, hb) = runs[True], runs[False]
+    for name, p in a.named_parameters(): torch.testing.assert_close(p, dict(b.named_parameters())[name], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(torch.tensor(ha["mse"]), torch.tensor(hb["mse"]), rtol=1e-9, atol=1e-12)
+    assert not torch.equal(a.W_enc, sae0.W_enc)  # it trained
