@@ -160,6 +160,13 @@ def execute(path: Path, timeout: int, skip_flags=SKIP_FLAGS):
     run = copy.deepcopy(nb)
     run.cells = [nbformat.v4.new_code_cell(PREAMBLE)] + [c for c in run.cells if not skipped(c, skip_flags)]
     os.environ.update(kernel_env()); os.environ.pop("IN_TEST", None)
+    # Widget state is NOT stored (store_widget_state=False), on purpose. With it, nbviewer could redraw the saved
+    # ipywidgets, but: (1) every plotly FigureWidget's state holds its own copy of plotly.js (the anywidget `_esm`
+    # trait: ~5 MB in plotly 7), so 08_widgets' dozen figure widgets would add tens of MB, far over the 600 KB output
+    # limit of tests/test_outputs.py and against "never embed plotly.js"; (2) the state goes in the notebook's
+    # metadata, which nbdev_clean strips (settings.ini keeps only `sae_nb`); (3) GitHub does not render widgets
+    # from saved state anyway. Notebooks that want a static view next to a widget display its figure or table as
+    # an ordinary output (figures get PNGs, see `add_pngs`).
     client = NotebookClient(run, timeout=timeout, kernel_name="python3", allow_errors=False,
                             store_widget_state=False, resources={"metadata": {"path": str(path.parent)}})
     t0 = time.perf_counter()

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from fastcore.basics import patch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -951,11 +952,6 @@ class _Trainer:
             if tc.resample_every is not None:
                 raise SaeNbError(f"{what}resample_every is for standard SAEs reconstructing their input, not transcoders: set resample_every=None.")
 
-def _trainer_phase(f):
-    "Attach `_trainer_<name>` to `_Trainer` as the method `<name>` (one notebook cell per phase)."
-    setattr(_Trainer, f.__name__.removeprefix("_trainer_"), f)
-    return f
-
 # %% ../nbs/05_train.ipynb #0bdd8d01
 def _make_adam(sae, # the SAE
                tc: TrainConfig, # lr, betas, eps
@@ -968,8 +964,8 @@ def _make_adam(sae, # the SAE
         except (RuntimeError, ValueError): pass  # an older torch, or a dtype its fused kernel lacks
     return torch.optim.Adam(sae.parameters(), **kw)
 
-@_trainer_phase
-def _trainer_prepare(self):
+@patch
+def prepare(self: _Trainer):
     "Move the SAE to the device; make Adam, the lr schedule, the resampling generator, the counters and an empty history."
     tc, P, sae = self.tc, self.P, self.sae
     sae.to(P.device).train()
@@ -994,9 +990,9 @@ def _trainer_prepare(self):
     sae._workspace = _Workspace()  # the step's [batch, d_sae] scratch tensors, reused (see `_StandardStep`); dropped when training ends
 
 # %% ../nbs/05_train.ipynb #77f5d5dd
-@_trainer_phase
-def _trainer_start(self, first: torch.Tensor, # this rank's first batch (raw activations)
-                  ):
+@patch
+def start(self: _Trainer, first: torch.Tensor, # this rank's first batch (raw activations)
+         ):
     "A fresh run: the activation scale (`normalize_activations`), then `b_dec` (`b_dec_init`), from the first batch."
     P, tc = self.P, self.tc
     first, target = first if _is_pair(first) else (first, first)  # a transcoder: b_dec lives in the target space
@@ -1007,9 +1003,9 @@ def _trainer_start(self, first: torch.Tensor, # this rank's first batch (raw act
         self.sae.init_b_dec_(sample if self.scale is None else sample * self.scale, method=tc.b_dec_init)
 
 # %% ../nbs/05_train.ipynb #5d2effad
-@_trainer_phase
-def _trainer_check_resume(self, source, # the batch source (its saved position is checked, not restored)
-                         ):
+@patch
+def check_resume(self: _Trainer, source, # the batch source (its saved position is checked, not restored)
+                ):
     "Resume, part 1, nothing restored yet: check the checkpoint and this run's settings against it (`SaeNbError` on every rank)."
     P, tc, json_state, resume_folder, out, T, W = self.P, self.tc, self.json_state, self.resume_folder, self.out, self.T, self.P.world_size
     try: self.scheduler_state, problem = _check_trainer_state(resume_folder, json_state, self.tensors, self.sae, self.optimizer, self.scheduler,
@@ -1059,8 +1055,8 @@ def _restore_data_position(source, # the batch source shared by the trainers
         raise _damaged_checkpoint(trainers[0].resume_folder, "trainer_state.json", f"cannot be restored ({type(e).__name__}: {e})") from e
 
 # %% ../nbs/05_train.ipynb #9294a816
-@_trainer_phase
-def _trainer_resume(self):
+@patch
+def resume(self: _Trainer):
     "Resume, part 2: restore Adam, the lr schedule, the SAE, the RNGs, the counters, the metric sums and the history."
     tensors, json_state, dev = self.tensors, self.json_state, self.dev
     try:  # all checked above; a failure here is a damage the checks did not foresee, reported the same way
@@ -1080,8 +1076,8 @@ def _trainer_resume(self):
     self.resampled_since_log = json_state.get("resampled_since_log", 0)
 
 # %% ../nbs/05_train.ipynb #dfe0a902
-@_trainer_phase
-def _trainer_ready(self):
+@patch
+def ready(self: _Trainer):
     "After start or resume: the DDP wrapper, the bound on the firing counters, the resampling steps, the current lr and coefficient."
     tc, P = self.tc, self.P
     self.compute = None  # autocast_dtype: the low-precision copy the forward and backward run in (the SAE itself stays the float32 master)
@@ -1102,14 +1098,14 @@ def _trainer_ready(self):
         self.resample_at = {s for s in range(tc.resample_every, int(tc.resample_until * self.T) + 1, tc.resample_every) if s < self.T}
     self.lr_now, self.coef_now = self.scheduler.get_last_lr()[0], tc.l1_coefficient * l1_factor(self.step, self.l1_warm)
 
-@_trainer_phase
-def _trainer_dead_mask(self) -> torch.Tensor:
+@patch
+def dead_mask(self: _Trainer) -> torch.Tensor:
     "`[d_sae]` bool: the features that have not fired for a whole dead-feature window."
     return self.tokens_since_fired >= self.window
 
 
-@_trainer_phase
-def _trainer_master_grads(self):
+@patch
+def master_grads(self: _Trainer):
     "autocast: the compute copy's gradients to the float32 master's `.grad` (and its buffers, e.g. BatchTopK's threshold, back to the master)."
     with torch.no_grad():
         for p, q in zip(self.sae.parameters(), self.compute.parameters()):
@@ -1117,8 +1113,8 @@ def _trainer_master_grads(self):
             q.grad = None
         for b, c in zip(self.sae.buffers(), self.compute.buffers()): b.copy_(c)
 
-@_trainer_phase
-def _trainer_sync_compute(self):
+@patch
+def sync_compute(self: _Trainer):
     "autocast: the compute copy's weights and buffers from the master's, after every change to the master."
     if self.compute is None: return
     with torch.no_grad():
@@ -1126,10 +1122,10 @@ def _trainer_sync_compute(self):
         for b, c in zip(self.sae.buffers(), self.compute.buffers()): c.copy_(b)
 
 # %% ../nbs/05_train.ipynb #636f9dd4
-@_trainer_phase
-def _trainer_take_step(self, x: torch.Tensor, # this rank's batch `[b, d_in]`, on the device, in the SAE's dtype, unscaled
-                      y: torch.Tensor | None = None, # a transcoder: the targets `[b, d_out]` (same device and dtype); None: an SAE
-                 ):
+@patch
+def take_step(self: _Trainer, x: torch.Tensor, # this rank's batch `[b, d_in]`, on the device, in the SAE's dtype, unscaled
+             y: torch.Tensor | None = None, # a transcoder: the targets `[b, d_out]` (same device and dtype); None: an SAE
+        ):
     "One optimizer step on `x`; counters, metric sums and NaN/inf flags stay on the device."
     tc, P, sae, step = self.tc, self.P, self.sae, self.step
     if self.scale is not None: x = x * self.scale
@@ -1175,8 +1171,8 @@ def _trainer_take_step(self, x: torch.Tensor, # this rank's batch `[b, d_in]`, o
     self.since_fired_bound += global_tokens
 
 # %% ../nbs/05_train.ipynb #26ce5c32
-@_trainer_phase
-def _trainer_sync_checks(self):
+@patch
+def sync_checks(self: _Trainer):
     "Raise (on every rank) if a NaN/inf input or loss was flagged since the last check."
     P, out = self.P, self.out
     flags = torch.stack([self.bad_input_step, self.bad_loss_step]).clone()
@@ -1191,9 +1187,9 @@ def _trainer_sync_checks(self):
     if bad_loss < 2**62:
         raise SaeNbError(f"{who}The loss became NaN or inf at step {bad_loss + 1}: training stopped (the SAE in memory took that step; reload it).{kept} Lower lr or l1_coefficient, or keep grad_clip_norm set.")
 
-@_trainer_phase
-def _trainer_resample(self, inputs: list, # this rank's batches drawn for resampling (raw activations)
-                     ):
+@patch
+def resample(self: _Trainer, inputs: list, # this rank's batches drawn for resampling (raw activations)
+            ):
     "Resample this SAE's dead features from `inputs` (`resample_dead_features_`) and restart their firing counters."
     dev, dtype, scale = self.dev, self.dtype, self.scale
     dead_now = self.dead_mask()
@@ -1204,9 +1200,9 @@ def _trainer_resample(self, inputs: list, # this rank's batches drawn for resamp
     self.sync_compute()
 
 # %% ../nbs/05_train.ipynb #9ce8a874
-@_trainer_phase
-def _trainer_log(self, t_start: float, # `time.perf_counter()` when this session's training began
-                ) -> dict:
+@patch
+def log(self: _Trainer, t_start: float, # `time.perf_counter()` when this session's training began
+       ) -> dict:
     "Append a history row (metrics since the previous row, reduced over ranks) and return it."
     P, dev, sae, arch, x, x_hat = self.P, self.dev, self.sae, self.arch, self.x, self.x_hat
     l0_saved = torch.zeros((), dtype=torch.float64, device=dev)
@@ -1235,11 +1231,11 @@ def _trainer_log(self, t_start: float, # `time.perf_counter()` when this session
     return row
 
 # %% ../nbs/05_train.ipynb #3368b2f2
-@_trainer_phase
-def _trainer_checkpoint(self, data_states: list, # every rank's data position (one entry unless the data is sharded)
-                        sharded: bool, # whether each rank reads its own shard of the data
-                        t_start: float, # `time.perf_counter()` when this session's training began
-                       ):
+@patch
+def checkpoint(self: _Trainer, data_states: list, # every rank's data position (one entry unless the data is sharded)
+               sharded: bool, # whether each rank reads its own shard of the data
+               t_start: float, # `time.perf_counter()` when this session's training began
+              ):
     "Rank 0: write checkpoint `step_N` and `history.json` (older checkpoints are pruned by the driver once the whole set has its new one)."
     if not self.P.is_main: return
     sae, optimizer, tc, dev = self.sae, self.optimizer, self.tc, self.dev
@@ -1259,8 +1255,8 @@ def _trainer_checkpoint(self, data_states: list, # every rank's data position (o
     self.written = _write_checkpoint(self.out, self.step, sae, state, tensors, None)
     write_json_atomic(self.history, self.out / "history.json")
 
-@_trainer_phase
-def _trainer_finish(self):
+@patch
+def finish(self: _Trainer):
     "Fold the activation scale into the weights (the saved and returned SAE read raw activations); rank 0 saves `out_dir/sae` and `history.json`."
     self.compute = None  # autocast's copy: the master is the SAE
     if self.scale is not None: self.sae.fold_activation_norm_scaling_factor(self.scale)
@@ -1301,13 +1297,10 @@ def _rewind_run_folder(out: Path, # a run folder of the set whose latest checkpo
         if s is not None and s > step and p.is_dir(): shutil.rmtree(p, ignore_errors=True)
 
 # %% ../nbs/05_train.ipynb #70c7e6ae
-def _drive(data, # an ActivationStore, a [N, d_in] tensor, or an iterable of [batch, d_in] tensors
-           trainers: list, # the `_Trainer`s (one for `train_sae`); they share batch size, steps, seed, checkpoint_every
-           P, # this process's `_Processes`
-          ):
-    "Train every SAE of `trainers` in one pass over `data`: each batch is fetched once and fed to every SAE."
+def _check_set(trainers: list, # the `_Trainer`s of one run (one for `train_sae`)
+              ):
+    "Refuse a set whose SAEs cannot share one activation stream (another `d_in`, or SAEs mixed with transcoders)."
     lead = trainers[0]
-    tc, T, W = lead.tc, lead.T, P.world_size
     for t in trainers[1:]:
         if t.d_in != lead.d_in:
             raise SaeNbError(f"{t.label} reads d_in={t.d_in} but {lead.label} reads d_in={lead.d_in}: the SAEs of a set share one activation stream, so give them the same d_in.")
@@ -1316,11 +1309,23 @@ def _drive(data, # an ActivationStore, a [N, d_in] tensor, or an iterable of [ba
             kind = lambda u: f"a transcoder with d_out={u.d_out}" if u.d_out is not None else "an SAE"
             raise SaeNbError(f"{t.label} is {kind(t)} but {lead.label} is {kind(lead)}: the SAEs of a set share one activation stream (plain batches "
                              "or (x, y) pairs of one target hook); train them in separate sets.")
-    source = _make_source(data, tc, P, lead.d_in, lead.d_out)
-    wandb = None
-    if tc.wandb_project is not None and P.is_main:
-        try: import wandb
-        except ImportError as e: raise SaeNbError("wandb_project is set but wandb is not installed: pip install wandb, or set wandb_project=None.") from e
+
+def _import_wandb(tc: TrainConfig, # the run's settings (`wandb_project`)
+                  P, # this process's `_Processes` (only rank 0 logs)
+                 ):
+    "The `wandb` module when this process logs to W&B, else None (a clear error if it is asked for but not installed)."
+    if tc.wandb_project is None or not P.is_main: return None
+    try: import wandb
+    except ImportError as e: raise SaeNbError("wandb_project is set but wandb is not installed: pip install wandb, or set wandb_project=None.") from e
+    return wandb
+
+# %% ../nbs/05_train.ipynb #0fbe6240
+def _start_trainers(source, # the batch source shared by the trainers
+                    trainers: list, # the `_Trainer`s
+                    P, # this process's `_Processes`
+                   ):
+    "`prepare` every trainer, then resume them from their checkpoints or `start` them on the first batch, then `ready` them."
+    lead = trainers[0]
     for t in trainers: t.prepare()
     if lead.json_state is not None:
         for t in trainers: t.check_resume(source)
@@ -1336,107 +1341,181 @@ def _drive(data, # an ActivationStore, a [N, d_in] tensor, or an iterable of [ba
         for t in trainers: t.start(first)
         source.push_back(first)  # it is step 0's batch too
     for t in trainers: t.ready()
-    step = lead.step
-    d_in, d_out, has_out, many = lead.d_in, lead.d_out, lead.out is not None, len(trainers) > 1
-    resample_at = set().union(*(t.resample_at for t in trainers))
-    resample_batches = max(t.tc.resample_sample_batches for t in trainers)
 
-    def sync_checks():
-        for t in trainers: t.sync_checks()
+# %% ../nbs/05_train.ipynb #302e2318
+class _Driver:
+    "One pass over the data for a set of trainers: the state the loop's parts share (the parts are the methods below)."
+    def __init__(self, source, # the batch source shared by the trainers
+                 trainers: list, # the `_Trainer`s, all started (see `_start_trainers`)
+                 P, # this process's `_Processes`
+                 wandb=None, # the `wandb` module when this process logs to W&B, else None
+                ):
+        self.source, self.trainers, self.P, self.wandb = source, trainers, P, wandb
+        self.lead = lead = trainers[0]
+        self.tc, self.T, self.step = lead.tc, lead.T, lead.step
+        self.d_in, self.d_out, self.has_out, self.many = lead.d_in, lead.d_out, lead.out is not None, len(trainers) > 1
+        self.resample_at = set().union(*(t.resample_at for t in trainers))  # the steps after which some SAE resamples
+        self.resample_batches = max(t.tc.resample_sample_batches for t in trainers)
+        desc = f"train {len(trainers)} SAEs" if self.many else f"train {lead.arch} SAE"
+        self.pbar = tqdm(total=self.T, initial=self.step, disable=not (self.tc.show_progress and P.is_main), desc=desc, unit="step", dynamic_ncols=True)
+        if wandb is not None: wandb.init(project=self.tc.wandb_project, config={"train": self.tc.to_dict(), "sae": lead.sae.cfg.to_dict()})
+        self.t_start = time.perf_counter()
+        self.last_checkpoint_step = self.step if lead.resume_folder is not None else None
 
-    def checkpoint():
-        "All ranks: gather data positions; rank 0 writes every SAE's checkpoint, then prunes old ones; all wait for it."
-        data_states = P.gather_objects(source.state_dict())
-        sharded = isinstance(source, _IterableBatches) and source.local
-        if not sharded: data_states = data_states[:1]
-        for t in trainers: t.checkpoint(data_states, sharded, t_start)
-        if P.is_main:
-            for t in trainers: _prune_checkpoints(t.out, t.tc.keep_checkpoints, t.written)
-        P.barrier()
+    def sync_checks(self):
+        "Every trainer's NaN/inf check (a sync point)."
+        for t in self.trainers: t.sync_checks()
 
-    def interrupt(cause=None, # the KeyboardInterrupt raised while fetching a batch, if that is how it came
-                  consistent=True, # False: some rank took its batch for the next step, so no checkpoint is written
-                  signal_name=None, # the signal that asked to stop (SIGINT, SIGTERM, SIGHUP), if any
-                 ):
-        "Ctrl-C, SIGTERM/SIGHUP or a raised KeyboardInterrupt: checkpoint the last completed step (unless on disk already), then raise `TrainingInterrupted`."
-        nonlocal last_checkpoint_step
-        if has_out and consistent and step > 0 and last_checkpoint_step != step:
-            sync_checks()
-            checkpoint()
-            last_checkpoint_step = step
-        msg = f"Training interrupted after step {step}" + (f" ({signal_name})" if signal_name else "")
-        if has_out:
-            last = latest_checkpoint(lead.out)
-            where = f" in each of the {len(trainers)} run folders in {lead.out.parent}" if many else ""
-            msg += (f"; checkpoint {last if not many else last.name} written{where}" if last is not None and last_checkpoint_step == step
-                    else f"; the last checkpoint is {last if not many else last.name}{where}" if last is not None else "; no checkpoint written")
-        raise TrainingInterrupted(msg, signal_name) from cause
+# %% ../nbs/05_train.ipynb #00cd00bd
+@patch
+def fetch(self: _Driver, stop: _StopRequest, # the signal handler of this pass
+         ) -> tuple:
+    "The next batch, or None when the data ran out (every rank agrees); and whether some rank was asked to stop."
+    P = self.P
+    fetch_interrupt = None
+    try: batch = self.source.next()
+    except KeyboardInterrupt as e:  # raised inside the data (a store, a DataLoader): no state changed for this step
+        if stop.requested: raise  # a second Ctrl-C: out at once, without a checkpoint
+        batch, fetch_interrupt = None, e
+    interrupted = fetch_interrupt is not None
+    problem = _batch_problem(batch, self.d_in, self.d_out) if batch is not None else None
+    bad_shape = problem is not None
+    no_data, stop_now, bad_shape, interrupted, fetched = P.any_flags([batch is None and not interrupted, stop.requested, bad_shape, interrupted, not interrupted])
+    if bad_shape:
+        raise SaeNbError(f"Step {self.step + 1}: the data gave {problem or 'a wrong batch on another rank'}.")
+    if interrupted: self.interrupt(fetch_interrupt, consistent=not fetched, signal_name=stop.signal)
+    if no_data:
+        if P.is_main: warnings.warn(f"The data ran out after {self.step} of {self.T} steps; stopping there.")
+        return None, stop_now
+    return batch, stop_now
 
-    desc = f"train {len(trainers)} SAEs" if many else f"train {lead.arch} SAE"
-    pbar = tqdm(total=T, initial=step, disable=not (tc.show_progress and P.is_main), desc=desc, unit="step", dynamic_ncols=True)
-    if wandb is not None: wandb.init(project=tc.wandb_project, config={"train": tc.to_dict(), "sae": lead.sae.cfg.to_dict()})
-    t_start = time.perf_counter()
-    last_checkpoint_step = step if lead.resume_folder is not None else None
+# %% ../nbs/05_train.ipynb #54a87f68
+@patch
+def interrupt(self: _Driver, cause=None, # the KeyboardInterrupt raised while fetching a batch, if that is how it came
+              consistent=True, # False: some rank took its batch for the next step, so no checkpoint is written
+              signal_name=None, # the signal that asked to stop (SIGINT, SIGTERM, SIGHUP), if any
+             ):
+    "Ctrl-C, SIGTERM/SIGHUP or a raised KeyboardInterrupt: checkpoint the last completed step (unless on disk already), then raise `TrainingInterrupted`."
+    step, lead, many = self.step, self.lead, self.many
+    if self.has_out and consistent and step > 0 and self.last_checkpoint_step != step:
+        self.sync_checks()
+        self.checkpoint()
+        self.last_checkpoint_step = step
+    msg = f"Training interrupted after step {step}" + (f" ({signal_name})" if signal_name else "")
+    if self.has_out:
+        last = latest_checkpoint(lead.out)
+        where = f" in each of the {len(self.trainers)} run folders in {lead.out.parent}" if many else ""
+        msg += (f"; checkpoint {last if not many else last.name} written{where}" if last is not None and self.last_checkpoint_step == step
+                else f"; the last checkpoint is {last if not many else last.name}{where}" if last is not None else "; no checkpoint written")
+    raise TrainingInterrupted(msg, signal_name) from cause
+
+# %% ../nbs/05_train.ipynb #e8376ea0
+@patch
+def take_steps(self: _Driver, batch, # this rank's batch (a tensor, or an `(x, y)` pair for transcoders)
+              ):
+    "Every trainer's optimizer step on `batch`, converted to the device once per dtype."
+    xs = {}  # the batch on the device, once per dtype
+    for t in self.trainers:
+        if t.dtype not in xs:  # (x,) for an SAE, (x, y) for a transcoder
+            xs[t.dtype] = tuple(b.to(t.dev, t.dtype, non_blocking=True) for b in (batch if self.d_out is not None else (batch,)))
+        t.take_step(*xs[t.dtype])
+    del xs
+    self.step += 1
+    self.pbar.update(1)
+
+@patch
+def resample(self: _Driver):
+    "At a resampling step: draw the sample batches once and resample the dead features of the SAEs that resample now."
+    step = self.step
+    if step not in self.resample_at: return
+    self.sync_checks()
+    inputs = [b for b in (self.source.next() for _ in range(self.resample_batches)) if b is not None]
+    if not self.P.any_flags([not inputs])[0]:
+        for t in self.trainers:
+            if step in t.resample_at: t.resample(inputs[:t.tc.resample_sample_batches])
+
+# %% ../nbs/05_train.ipynb #8caaa365
+@patch
+def log(self: _Driver):
+    "A history row for every SAE due one at this step; the progress bar, W&B and `history.json` get it."
+    step, P, wandb = self.step, self.P, self.wandb
+    for t in self.trainers:
+        if step % t.tc.log_every == 0 or step == self.T:
+            t.sync_checks()
+            row = t.log(self.t_start)
+            if not self.many:
+                dead = "-" if row["dead_fraction"] is None else f"{row['dead_fraction']:.2f}"
+                self.pbar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", dead=dead, refresh=False)
+            if wandb is not None: wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=step)
+            if t.out is not None and P.is_main: write_json_atomic(t.history, t.out / "history.json")
+
+# %% ../nbs/05_train.ipynb #96f471b2
+@patch
+def checkpoint(self: _Driver):
+    "All ranks: gather data positions; rank 0 writes every SAE's checkpoint, then prunes old ones; all wait for it."
+    P, source, trainers = self.P, self.source, self.trainers
+    data_states = P.gather_objects(source.state_dict())
+    sharded = isinstance(source, _IterableBatches) and source.local
+    if not sharded: data_states = data_states[:1]
+    for t in trainers: t.checkpoint(data_states, sharded, self.t_start)
+    if P.is_main:
+        for t in trainers: _prune_checkpoints(t.out, t.tc.keep_checkpoints, t.written)
+    P.barrier()
+
+@patch
+def checkpoint_due(self: _Driver) -> bool:
+    "Whether this step ends with a checkpoint: the last step, or every `checkpoint_every` steps (with a run folder)."
+    return self.has_out and (self.step == self.T or bool(self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0))
+
+@patch
+def end_pass(self: _Driver):
+    "After the last step (or when the data ran out): a final history row where one is missing, and a final checkpoint."
+    self.sync_checks()
+    for t in self.trainers:
+        if t.x is not None and t.history["step"][-1:] != [self.step]: t.log(self.t_start)  # data ran out between logs
+    if self.has_out and self.last_checkpoint_step != self.step: self.checkpoint()
+
+@patch
+def close(self: _Driver):
+    "Always, at the end: close the progress bar, free the step's scratch tensors, end the W&B run."
+    self.pbar.close()
+    for t in self.trainers:  # the step's scratch tensors: freed with the run
+        t.sae._workspace = None
+        if getattr(t, "compute", None) is not None: t.compute._workspace = None
+    if self.wandb is not None: self.wandb.finish()
+
+# %% ../nbs/05_train.ipynb #ba00753c
+def _drive(data, # an ActivationStore, a [N, d_in] tensor, or an iterable of [batch, d_in] tensors
+           trainers: list, # the `_Trainer`s (one for `train_sae`); they share batch size, steps, seed, checkpoint_every
+           P, # this process's `_Processes`
+          ):
+    "Train every SAE of `trainers` in one pass over `data`: each batch is fetched once and fed to every SAE."
+    _check_set(trainers)
+    lead = trainers[0]
+    source = _make_source(data, lead.tc, P, lead.d_in, lead.d_out)
+    wandb = _import_wandb(lead.tc, P)
+    _start_trainers(source, trainers, P)
+    run = _Driver(source, trainers, P, wandb)
     try:
         with _StopRequest() as stop:
-            while step < T:
-                fetch_interrupt = None
-                try: batch = source.next()
-                except KeyboardInterrupt as e:  # raised inside the data (a store, a DataLoader): no state changed for this step
-                    if stop.requested: raise  # a second Ctrl-C: out at once, without a checkpoint
-                    batch, fetch_interrupt = None, e
-                interrupted = fetch_interrupt is not None
-                problem = _batch_problem(batch, d_in, d_out) if batch is not None else None
-                bad_shape = problem is not None
-                no_data, stop_now, bad_shape, interrupted, fetched = P.any_flags([batch is None and not interrupted, stop.requested, bad_shape, interrupted, not interrupted])
-                if bad_shape:
-                    raise SaeNbError(f"Step {step + 1}: the data gave {problem or 'a wrong batch on another rank'}.")
-                if interrupted: interrupt(fetch_interrupt, consistent=not fetched, signal_name=stop.signal)
-                if no_data:
-                    if P.is_main: warnings.warn(f"The data ran out after {step} of {T} steps; stopping there.")
-                    break
-                xs = {}  # the batch on the device, once per dtype
-                for t in trainers:
-                    if t.dtype not in xs:  # (x,) for an SAE, (x, y) for a transcoder
-                        xs[t.dtype] = tuple(b.to(t.dev, t.dtype, non_blocking=True) for b in (batch if d_out is not None else (batch,)))
-                    t.take_step(*xs[t.dtype])
-                del xs
-                step += 1
-                pbar.update(1)
-                if step in resample_at:
-                    sync_checks()
-                    inputs = [b for b in (source.next() for _ in range(resample_batches)) if b is not None]
-                    if not P.any_flags([not inputs])[0]:
-                        for t in trainers:
-                            if step in t.resample_at: t.resample(inputs[:t.tc.resample_sample_batches])
-                for t in trainers:
-                    if step % t.tc.log_every == 0 or step == T:
-                        t.sync_checks()
-                        row = t.log(t_start)
-                        if not many:
-                            dead = "-" if row["dead_fraction"] is None else f"{row['dead_fraction']:.2f}"
-                            pbar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", dead=dead, refresh=False)
-                        if wandb is not None: wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=step)
-                        if t.out is not None and P.is_main: write_json_atomic(t.history, t.out / "history.json")
-                # single process: stop right after the step in flight; data parallel: at the flag exchange above
+            while run.step < run.T:
+                batch, stop_now = run.fetch(stop)
+                if batch is None: break  # the data ran out
+                run.take_steps(batch)
+                run.resample()
+                run.log()
+                # single process: stop right after the step in flight; data parallel: at the flag exchange in `fetch`
                 stop_now = stop_now or (stop.requested and not P.distributed)
-                if has_out and (step == T or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
-                    sync_checks()
-                    checkpoint()
-                    last_checkpoint_step = step
-                if stop_now: interrupt(signal_name=stop.signal)
-            sync_checks()
-            for t in trainers:
-                if t.x is not None and t.history["step"][-1:] != [step]: t.log(t_start)  # data ran out between logs
-            if has_out and last_checkpoint_step != step: checkpoint()
+                if run.checkpoint_due():
+                    run.sync_checks()
+                    run.checkpoint()
+                    run.last_checkpoint_step = run.step
+                if stop_now: run.interrupt(signal_name=stop.signal)
+            run.end_pass()
     finally:
-        pbar.close()
-        for t in trainers:  # the step's scratch tensors: freed with the run
-            t.sae._workspace = None
-            if getattr(t, "compute", None) is not None: t.compute._workspace = None
-        if wandb is not None: wandb.finish()
+        run.close()
     for t in trainers: t.finish()
-    if has_out: P.barrier()
+    if run.has_out: P.barrier()
 
 # %% ../nbs/05_train.ipynb #a4216864
 PER_SAE_SETTINGS = ("lr", "lr_warmup_steps", "lr_decay_steps", "l1_coefficient", "l1_warmup_steps", "adam_betas", "adam_eps",

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from fastcore.basics import patch
 from IPython.display import display
 from transformer_lens import HookedTransformer
 
@@ -260,66 +261,72 @@ class FeatureExplorer:
         self._draw(feature)
         self.slider.observe(lambda change: self._draw(change["new"]), names="value")
 
-    def show(self, feature: int, # the feature to show
-            ):
-        "Redraw every view for `feature` (and move the controls to it)."
-        feature = _check_feature(feature, self.d_sae)
-        if self.slider.value != feature:
-            self.slider.value = feature  # its observer (and the linked text box) redraw
-            return self
-        return self._draw(feature)
-
-    def _draw(self, feature: int):
-        "Recompute every view for `feature` (the controls already show it)."
-        self.feature = feature
-        if self.from_feature_index: return self._draw_from_feature_index(feature)
-        acts = self.index.activations(feature)
-        self.acts, self.data = acts, None
-        self.examples = top_activating_examples(self.model, self.sae, self.tokens, self.hook_name, feature,
-                                                n=self.n_examples, context=self.context, acts=acts)
-        _, nonzero = self.index.nonzero(feature)
-        dens, top = self.index.density[feature].item(), self.index.max_activation[feature].item()
-        mean = nonzero.mean().item() if len(nonzero) else 0.0
-        self.stats.value = (f"<span class='sae-nb-stats'><b>feature {feature}</b>: density {dens:.3%} "
-                            f"({len(nonzero)} of {self.index.n_tokens} tokens), max activation {top:.4g}, "
-                            f"mean nonzero {mean:.4g}</span>")
-        self.snippets.value = snippets_html(self.examples, max_activation=top)
-        _sync_figure(self.figures["top_activations"], _json_safe(plot_top_activations(self.examples, feature)))
-        hist = plot_activation_histogram(acts[self.index.counted], bins=self.bins)
-        hist.update_layout(title=f"Feature {feature}: " + hist.layout.title.text, height=320)
-        _sync_figure(self.figures["histogram"], hist)
-        try:
-            if self.logit_hook is None: raise SaeNbError("this transcoder's cfg names no hook_name_out (the hook its decoder writes)")
-            self.effects = feature_logit_effects(self.model, self.sae, feature, self.logit_hook, k=self.k_logits)
-            logit_fig = plot_logit_effects(self.effects, feature)
-        except SaeNbError as e:
-            self.effects, logit_fig = None, _message_figure(f"No logit effects: {e}")
-        _sync_figure(self.figures["logit_effects"], logit_fig)
-        return self
-
-    def _draw_from_feature_index(self, feature: int):
-        "Every view from the feature index's precomputed `index.feature(feature)` (the dashboard's numbers)."
-        d = self.data = self.index.feature(feature)
-        self.acts = None
-        self.examples = _examples_frame(d["top"][:self.n_examples])
-        quantiles = {float(q): v for q, v in d.get("quantiles") or []}
-        median = f", median nonzero {quantiles[0.5]:.4g}" if 0.5 in quantiles else ""
-        self.stats.value = (f"<span class='sae-nb-stats'><b>feature {feature}</b>: density {d['density']:.3%} "
-                            f"({d['n_fired']} of {self.index.n_tokens} tokens), max activation {d['max_act']:.4g}"
-                            f"{median}</span>")
-        self.links.value = _feature_links_html(d)
-        self.snippets.value = snippets_html(self.examples, max_activation=d["max_act"])
-        self.intervals.value = _intervals_html(d.get("intervals") or [], d["max_act"])
-        _sync_figure(self.figures["top_activations"], _json_safe(plot_top_activations(self.examples, feature)))
-        _sync_figure(self.figures["histogram"], _histogram_figure(d["histogram"], feature, d["n_fired"], self.index.n_tokens))
-        if d.get("logits_up") or d.get("logits_down"):
-            self.effects = _effects_frame(d.get("logits_up") or [], d.get("logits_down") or [], self.k_logits)
-            logit_fig = plot_logit_effects(self.effects, feature)
-        else: self.effects, logit_fig = None, _message_figure("No logit effects in this index (its hook does not reach the logits linearly)")
-        _sync_figure(self.figures["logit_effects"], logit_fig)
-        return self
-
     def _ipython_display_(self): display(self.widget)
+
+# %% ../nbs/08_widgets.ipynb #84de9e32
+@patch
+def show(self: FeatureExplorer, feature: int, # the feature to show
+        ):
+    "Redraw every view for `feature` (and move the controls to it)."
+    feature = _check_feature(feature, self.d_sae)
+    if self.slider.value != feature:
+        self.slider.value = feature  # its observer (and the linked text box) redraw
+        return self
+    return self._draw(feature)
+
+# %% ../nbs/08_widgets.ipynb #052c2b6b
+@patch
+def _draw(self: FeatureExplorer, feature: int):
+    "Recompute every view for `feature` (the controls already show it)."
+    self.feature = feature
+    if self.from_feature_index: return self._draw_from_feature_index(feature)
+    acts = self.index.activations(feature)
+    self.acts, self.data = acts, None
+    self.examples = top_activating_examples(self.model, self.sae, self.tokens, self.hook_name, feature,
+                                            n=self.n_examples, context=self.context, acts=acts)
+    _, nonzero = self.index.nonzero(feature)
+    dens, top = self.index.density[feature].item(), self.index.max_activation[feature].item()
+    mean = nonzero.mean().item() if len(nonzero) else 0.0
+    self.stats.value = (f"<span class='sae-nb-stats'><b>feature {feature}</b>: density {dens:.3%} "
+                        f"({len(nonzero)} of {self.index.n_tokens} tokens), max activation {top:.4g}, "
+                        f"mean nonzero {mean:.4g}</span>")
+    self.snippets.value = snippets_html(self.examples, max_activation=top)
+    _sync_figure(self.figures["top_activations"], _json_safe(plot_top_activations(self.examples, feature)))
+    hist = plot_activation_histogram(acts[self.index.counted], bins=self.bins)
+    hist.update_layout(title=f"Feature {feature}: " + hist.layout.title.text, height=320)
+    _sync_figure(self.figures["histogram"], hist)
+    try:
+        if self.logit_hook is None: raise SaeNbError("this transcoder's cfg names no hook_name_out (the hook its decoder writes)")
+        self.effects = feature_logit_effects(self.model, self.sae, feature, self.logit_hook, k=self.k_logits)
+        logit_fig = plot_logit_effects(self.effects, feature)
+    except SaeNbError as e:
+        self.effects, logit_fig = None, _message_figure(f"No logit effects: {e}")
+    _sync_figure(self.figures["logit_effects"], logit_fig)
+    return self
+
+# %% ../nbs/08_widgets.ipynb #aebab9e0
+@patch
+def _draw_from_feature_index(self: FeatureExplorer, feature: int):
+    "Every view from the feature index's precomputed `index.feature(feature)` (the dashboard's numbers)."
+    d = self.data = self.index.feature(feature)
+    self.acts = None
+    self.examples = _examples_frame(d["top"][:self.n_examples])
+    quantiles = {float(q): v for q, v in d.get("quantiles") or []}
+    median = f", median nonzero {quantiles[0.5]:.4g}" if 0.5 in quantiles else ""
+    self.stats.value = (f"<span class='sae-nb-stats'><b>feature {feature}</b>: density {d['density']:.3%} "
+                        f"({d['n_fired']} of {self.index.n_tokens} tokens), max activation {d['max_act']:.4g}"
+                        f"{median}</span>")
+    self.links.value = _feature_links_html(d)
+    self.snippets.value = snippets_html(self.examples, max_activation=d["max_act"])
+    self.intervals.value = _intervals_html(d.get("intervals") or [], d["max_act"])
+    _sync_figure(self.figures["top_activations"], _json_safe(plot_top_activations(self.examples, feature)))
+    _sync_figure(self.figures["histogram"], _histogram_figure(d["histogram"], feature, d["n_fired"], self.index.n_tokens))
+    if d.get("logits_up") or d.get("logits_down"):
+        self.effects = _effects_frame(d.get("logits_up") or [], d.get("logits_down") or [], self.k_logits)
+        logit_fig = plot_logit_effects(self.effects, feature)
+    else: self.effects, logit_fig = None, _message_figure("No logit effects in this index (its hook does not reach the logits linearly)")
+    _sync_figure(self.figures["logit_effects"], logit_fig)
+    return self
 
 # %% ../nbs/08_widgets.ipynb #403231e6
 def steering_hook(direction: torch.Tensor, # the vector added, shaped like one position's activation (flattened is fine)
@@ -451,28 +458,6 @@ class SteeringWidget:
             w.observe(lambda change: self.update(), names="value")
         self.prompt_box.observe(self._on_prompt, names="value")
 
-    @torch.inference_mode()
-    def _set_prompt(self, prompt):
-        "Tokenise `prompt` and compute its clean next-token distribution."
-        if not isinstance(prompt, str) or not prompt:
-            raise SaeNbError(f"prompt must be a non-empty string, got {prompt!r}.")
-        self.prompt, self.tokens = prompt, _as_token_batch(self.model, prompt)
-        logits = self.model(self.tokens, **_no_padding_kwargs(self.model, self.tokens))
-        self.probs_clean = logits[0, -1].float().softmax(-1).cpu()
-
-    @torch.inference_mode()
-    def _default_max_scale(self) -> float:
-        "10 x the mean norm of the hook activation over the prompt's non-BOS positions (at least 1)."
-        _, cache = self.model.run_with_cache(self.tokens, names_filter=self.steer_hook, stop_at_layer=_stop_layer(self.model, self.steer_hook))
-        act = cache[self.steer_hook][0].flatten(1).float()
-        keep = counted_positions(self.tokens, bos_token_id(self.model), True)[0].to(act.device)
-        norms = act[keep].norm(dim=-1) if keep.any() else act.norm(dim=-1)
-        return float(max(1.0, float(np.round(10 * norms.mean().item(), 1))))
-
-    def _on_prompt(self, change):
-        "The prompt box was submitted: new clean and steered distributions."
-        self._set_prompt(change["new"]); self.update()
-
     @property
     def feature(self) -> int:
         "The steered feature (the feature slider's value)."
@@ -486,24 +471,52 @@ class SteeringWidget:
         "Where the direction is added: 'all' or 'last'."
         return self.positions_toggle.value
 
-    def update(self):
-        "Recompute the steered distribution for the controls' values and redraw."
-        self.probs_steered = steered_next_token_probs(self.model, self.sae, self.hook_name, self.tokens, self.feature,
-                                                      self.scale, self.positions, self.exclude_bos)
-        self.changes = probability_changes(self.model, self.probs_clean, self.probs_steered, self.k)
-        where = "every non-BOS position" if self.positions == "all" else "the last position"
-        title = f"Next token after {self.prompt[-40:]!r}: feature {self.feature} × {self.scale:.3g} at {where}"
-        _sync_figure(self.figures["probs"], plot_steering(self.model, self.probs_clean, self.probs_steered, self.k, title))
-        tv = 0.5 * (self.probs_steered - self.probs_clean).abs().sum().item()
-        self.info.value = (f"<span class='sae-nb-steering-info'>adding {self.scale:.3g} × W_dec[{self.feature}] at "
-                           f"<code>{self.steer_hook}</code> ({where}); total variation from clean {tv:.4f}</span>")
-        if self.index is not None:
-            self.summary = _feature_summary(self.index, self.feature)
-            self.info.value += "<br>" + _summary_html(self.feature, self.summary)
-        self.table.value = self.changes.to_html(index=False, float_format=lambda v: f"{v:.4f}")
-        return self
-
     def _ipython_display_(self): display(self.widget)
+
+# %% ../nbs/08_widgets.ipynb #0cbf3855
+@patch
+@torch.inference_mode()
+def _set_prompt(self: SteeringWidget, prompt):
+    "Tokenise `prompt` and compute its clean next-token distribution."
+    if not isinstance(prompt, str) or not prompt:
+        raise SaeNbError(f"prompt must be a non-empty string, got {prompt!r}.")
+    self.prompt, self.tokens = prompt, _as_token_batch(self.model, prompt)
+    logits = self.model(self.tokens, **_no_padding_kwargs(self.model, self.tokens))
+    self.probs_clean = logits[0, -1].float().softmax(-1).cpu()
+
+@patch
+@torch.inference_mode()
+def _default_max_scale(self: SteeringWidget) -> float:
+    "10 x the mean norm of the hook activation over the prompt's non-BOS positions (at least 1)."
+    _, cache = self.model.run_with_cache(self.tokens, names_filter=self.steer_hook, stop_at_layer=_stop_layer(self.model, self.steer_hook))
+    act = cache[self.steer_hook][0].flatten(1).float()
+    keep = counted_positions(self.tokens, bos_token_id(self.model), True)[0].to(act.device)
+    norms = act[keep].norm(dim=-1) if keep.any() else act.norm(dim=-1)
+    return float(max(1.0, float(np.round(10 * norms.mean().item(), 1))))
+
+@patch
+def _on_prompt(self: SteeringWidget, change):
+    "The prompt box was submitted: new clean and steered distributions."
+    self._set_prompt(change["new"]); self.update()
+
+# %% ../nbs/08_widgets.ipynb #138a86d6
+@patch
+def update(self: SteeringWidget):
+    "Recompute the steered distribution for the controls' values and redraw."
+    self.probs_steered = steered_next_token_probs(self.model, self.sae, self.hook_name, self.tokens, self.feature,
+                                                  self.scale, self.positions, self.exclude_bos)
+    self.changes = probability_changes(self.model, self.probs_clean, self.probs_steered, self.k)
+    where = "every non-BOS position" if self.positions == "all" else "the last position"
+    title = f"Next token after {self.prompt[-40:]!r}: feature {self.feature} × {self.scale:.3g} at {where}"
+    _sync_figure(self.figures["probs"], plot_steering(self.model, self.probs_clean, self.probs_steered, self.k, title))
+    tv = 0.5 * (self.probs_steered - self.probs_clean).abs().sum().item()
+    self.info.value = (f"<span class='sae-nb-steering-info'>adding {self.scale:.3g} × W_dec[{self.feature}] at "
+                       f"<code>{self.steer_hook}</code> ({where}); total variation from clean {tv:.4f}</span>")
+    if self.index is not None:
+        self.summary = _feature_summary(self.index, self.feature)
+        self.info.value += "<br>" + _summary_html(self.feature, self.summary)
+    self.table.value = self.changes.to_html(index=False, float_format=lambda v: f"{v:.4f}")
+    return self
 
 # %% ../nbs/08_widgets.ipynb #587799aa
 @torch.inference_mode()
@@ -683,89 +696,102 @@ class PromptFeaturesWidget:
         self.token_select.observe(lambda change: None if self._quiet else self._show_token(change["new"]), names="value")
         self.prompt_box.observe(self._on_prompt, names="value")
 
-    def set_prompt(self, prompt: str, # the new text
-                  ):
-        "Recompute every token's features for `prompt` (and the open feature's ablation on it)."
-        table = prompt_features(self.model, self.sae, prompt, self.hook_name, self.k)
-        _steer_mask(torch.zeros(1, len(table), dtype=torch.long), None, self.positions, True)  # the ablation positions fit it
-        self.table, self.prompt = table, prompt
-        if self.prompt_box.value != prompt: self.prompt_box.value = prompt  # its observer calls back: same prompt, no work
-        return self._redraw()
-
-    def _on_prompt(self, change):
-        "The prompt box was submitted; a bad prompt (empty) is reported in the info line, not raised in the browser."
-        if change["new"] == self.prompt: return
-        try: self.set_prompt(change["new"])
-        except SaeNbError as e: self.info.value = f"<span class='sae-nb-error' style='color: #b00;'>{html.escape(str(e))}</span>"
-
-    def _redraw(self):
-        "Tokens, table and token picker for the current prompt; the token with the strongest feature is picked first."
-        t = self.table
-        self.table_html.value = prompt_table_html(t, self.labels)
-        start = int(t.top_activation.to_numpy().argmax()) if len(t) else 0
-        options = [(f"{r.pos}: {r.token!r}", r.pos) for r in t.itertuples()]
-        self._quiet = True  # the picker's observer stays out of the way while its options change
-        try: self.token_select.options, self.token_select.value = options, start
-        finally: self._quiet = False
-        self._show_token(start)
-        if self.feature is not None: self._draw_ablation()
-        return self
-
-    def _show_token(self, pos: int):
-        "Outline token `pos` and put its features on the buttons."
-        if pos is None: return
-        self.selected = pos
-        row = self.table.iloc[pos]
-        self.tokens_html.value = prompt_tokens_html(self.table, pos, labels=self.labels)
-        for j, b in enumerate(self.buttons):
-            if j < len(row.features):
-                f, a = row.features[j], row.activations[j]
-                b.description, b.tooltip = _feature_name(f, a, self.labels), f"open feature {f}"
-                b.layout.display = None
-            else: b.description, b.layout.display = "", "none"
-        if not row.features: self.info.value = f"<i>no feature fires on {_token_text(row.token)}</i>"
-        elif self.feature is None: self.info.value = "<i>click a feature to open it</i>"
-
-    def _on_button(self, j: int):
-        "Button j of the picked token was clicked."
-        row = self.table.iloc[self.selected]
-        if j < len(row.features): self.open(row.features[j])
-
-    def open(self, feature: int, # the feature to open
-            ):
-        "Open `feature`: its ablation effect on the prompt, the explorer (when there is data for one) and `on_feature`."
-        feature = _check_feature(feature, self.d_sae)
-        self.feature = feature
-        if self.ablate: self._draw_ablation()
-        else: self.info.value = f"<span class='sae-nb-open'>feature {feature}</span>"
-        if self.index is not None: self.info.value += "<br>" + _summary_html(feature, _feature_summary(self.index, feature))
-        self._open_explorer(feature)
-        if self.on_feature is not None: self.on_feature(feature)
-        return self
-
-    def _draw_ablation(self):
-        "The open feature's ablation on the current prompt: the figure, `.changes` and the info line."
-        f = self.feature
-        p_spliced, p_ablated, acts = ablated_next_token_probs(self.model, self.sae, self.prompt, f, self.hook_name, self.positions)
-        self.changes = probability_changes(self.model, p_spliced, p_ablated, 10, names=("spliced", "ablated"))
-        tv = 0.5 * (p_ablated - p_spliced).abs().sum().item()
-        title = f"Next token after {self.prompt[-40:]!r}: feature {f} ablated ({self.positions})"
-        _sync_figure(self.figures["ablation"], plot_steering(self.model, p_spliced, p_ablated, 10, title, names=("spliced", "ablated")))
-        self.info.value = (f"<span class='sae-nb-open'>feature {f}: max activation on this prompt {acts.max().item():.4g}; "
-                           f"zeroing it ({self.positions}) moves the next-token distribution by total variation {tv:.4f}</span>")
-
-    def _open_explorer(self, feature: int):
-        "Show `feature` in the explorer below, building the explorer on the first call (if there is data for it)."
-        if self.explorer is not None: self.explorer.show(feature); return
-        if _is_feature_index(self.index):
-            self.explorer = FeatureExplorer(self.model, self.sae, hook_name=self.hook_name, feature=feature, index=self.index,
-                                            n_examples=self.n_examples)
-        elif self.index is not None:
-            self.explorer = FeatureExplorer(self.model, self.sae, self.index.tokens, self.hook_name, feature=feature,
-                                            index=self.index, n_examples=self.n_examples)
-        elif self.tokens is not None:
-            self.explorer = FeatureExplorer(self.model, self.sae, self.tokens, self.hook_name, feature=feature, n_examples=self.n_examples)
-        else: return
-        self.explorer_box.children = [self.explorer.widget]
-
     def _ipython_display_(self): display(self.widget)
+
+# %% ../nbs/08_widgets.ipynb #73e25806
+@patch
+def set_prompt(self: PromptFeaturesWidget, prompt: str, # the new text
+              ):
+    "Recompute every token's features for `prompt` (and the open feature's ablation on it)."
+    table = prompt_features(self.model, self.sae, prompt, self.hook_name, self.k)
+    _steer_mask(torch.zeros(1, len(table), dtype=torch.long), None, self.positions, True)  # the ablation positions fit it
+    self.table, self.prompt = table, prompt
+    if self.prompt_box.value != prompt: self.prompt_box.value = prompt  # its observer calls back: same prompt, no work
+    return self._redraw()
+
+@patch
+def _on_prompt(self: PromptFeaturesWidget, change):
+    "The prompt box was submitted; a bad prompt (empty) is reported in the info line, not raised in the browser."
+    if change["new"] == self.prompt: return
+    try: self.set_prompt(change["new"])
+    except SaeNbError as e: self.info.value = f"<span class='sae-nb-error' style='color: #b00;'>{html.escape(str(e))}</span>"
+
+# %% ../nbs/08_widgets.ipynb #64494ed4
+@patch
+def _redraw(self: PromptFeaturesWidget):
+    "Tokens, table and token picker for the current prompt; the token with the strongest feature is picked first."
+    t = self.table
+    self.table_html.value = prompt_table_html(t, self.labels)
+    start = int(t.top_activation.to_numpy().argmax()) if len(t) else 0
+    options = [(f"{r.pos}: {r.token!r}", r.pos) for r in t.itertuples()]
+    self._quiet = True  # the picker's observer stays out of the way while its options change
+    try: self.token_select.options, self.token_select.value = options, start
+    finally: self._quiet = False
+    self._show_token(start)
+    if self.feature is not None: self._draw_ablation()
+    return self
+
+@patch
+def _show_token(self: PromptFeaturesWidget, pos: int):
+    "Outline token `pos` and put its features on the buttons."
+    if pos is None: return
+    self.selected = pos
+    row = self.table.iloc[pos]
+    self.tokens_html.value = prompt_tokens_html(self.table, pos, labels=self.labels)
+    for j, b in enumerate(self.buttons):
+        if j < len(row.features):
+            f, a = row.features[j], row.activations[j]
+            b.description, b.tooltip = _feature_name(f, a, self.labels), f"open feature {f}"
+            b.layout.display = None
+        else: b.description, b.layout.display = "", "none"
+    if not row.features: self.info.value = f"<i>no feature fires on {_token_text(row.token)}</i>"
+    elif self.feature is None: self.info.value = "<i>click a feature to open it</i>"
+
+# %% ../nbs/08_widgets.ipynb #5d1c22eb
+@patch
+def _on_button(self: PromptFeaturesWidget, j: int):
+    "Button j of the picked token was clicked."
+    row = self.table.iloc[self.selected]
+    if j < len(row.features): self.open(row.features[j])
+
+@patch
+def open(self: PromptFeaturesWidget, feature: int, # the feature to open
+        ):
+    "Open `feature`: its ablation effect on the prompt, the explorer (when there is data for one) and `on_feature`."
+    feature = _check_feature(feature, self.d_sae)
+    self.feature = feature
+    if self.ablate: self._draw_ablation()
+    else: self.info.value = f"<span class='sae-nb-open'>feature {feature}</span>"
+    if self.index is not None: self.info.value += "<br>" + _summary_html(feature, _feature_summary(self.index, feature))
+    self._open_explorer(feature)
+    if self.on_feature is not None: self.on_feature(feature)
+    return self
+
+# %% ../nbs/08_widgets.ipynb #33f130a4
+@patch
+def _draw_ablation(self: PromptFeaturesWidget):
+    "The open feature's ablation on the current prompt: the figure, `.changes` and the info line."
+    f = self.feature
+    p_spliced, p_ablated, acts = ablated_next_token_probs(self.model, self.sae, self.prompt, f, self.hook_name, self.positions)
+    self.changes = probability_changes(self.model, p_spliced, p_ablated, 10, names=("spliced", "ablated"))
+    tv = 0.5 * (p_ablated - p_spliced).abs().sum().item()
+    title = f"Next token after {self.prompt[-40:]!r}: feature {f} ablated ({self.positions})"
+    _sync_figure(self.figures["ablation"], plot_steering(self.model, p_spliced, p_ablated, 10, title, names=("spliced", "ablated")))
+    self.info.value = (f"<span class='sae-nb-open'>feature {f}: max activation on this prompt {acts.max().item():.4g}; "
+                       f"zeroing it ({self.positions}) moves the next-token distribution by total variation {tv:.4f}</span>")
+
+# %% ../nbs/08_widgets.ipynb #47e967fe
+@patch
+def _open_explorer(self: PromptFeaturesWidget, feature: int):
+    "Show `feature` in the explorer below, building the explorer on the first call (if there is data for it)."
+    if self.explorer is not None: self.explorer.show(feature); return
+    if _is_feature_index(self.index):
+        self.explorer = FeatureExplorer(self.model, self.sae, hook_name=self.hook_name, feature=feature, index=self.index,
+                                        n_examples=self.n_examples)
+    elif self.index is not None:
+        self.explorer = FeatureExplorer(self.model, self.sae, self.index.tokens, self.hook_name, feature=feature,
+                                        index=self.index, n_examples=self.n_examples)
+    elif self.tokens is not None:
+        self.explorer = FeatureExplorer(self.model, self.sae, self.tokens, self.hook_name, feature=feature, n_examples=self.n_examples)
+    else: return
+    self.explorer_box.children = [self.explorer.widget]

@@ -4,7 +4,7 @@ damaged checkpoint files, activations of extreme scale. Plain pytest; the proces
 Run: `HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/test_edges_train.py`. What each case did before and does
 now is in the table in tests/README.md.
 """
-import math, os, shutil, signal, subprocess, sys, time, warnings
+import math, os, re, shutil, signal, subprocess, sys, time, warnings
 from pathlib import Path
 
 import pytest
@@ -344,3 +344,100 @@ def test_activations_of_extreme_scale_are_flagged(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train_sae(make_data(1024), CFG, run_cfg(steps=2))  # order-1 activations: no warning
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Moved from nbs/05_train.ipynb (issue #11: no kill or damaged-file tests in the middle of the lesson)
+# ---------------------------------------------------------------------------------------------------------------
+class Killed(BaseException):
+    "A simulated kill: a BaseException, so no `except Exception` in the code under test can swallow it."
+
+
+def kill_at_every_rename(tmp_path, save):
+    "For each of the first 8 os.replace/os.rename calls of `save(new_sae, folder)` over a folder holding the old SAE: kill there, load the folder; the d_sae loaded each time."
+    from sae_nb.train import _save_sae_folder
+    old_sae, new_sae = (SAE.from_config(SAEConfig(architecture="standard", d_in=8, d_sae=n), generator=torch.Generator().manual_seed(n)) for n in (16, 24))
+    real_replace, real_rename, outcomes = os.replace, os.rename, []
+    for kill_at in range(1, 9):
+        folder = tmp_path / f"kill_{kill_at}" / "sae"
+        _save_sae_folder(old_sae, folder)
+        calls = [0]
+        def killing(real):
+            def call(*a, **kw):
+                calls[0] += 1
+                if calls[0] == kill_at: raise Killed
+                return real(*a, **kw)
+            return call
+        os.replace, os.rename = killing(real_replace), killing(real_rename)
+        try: save(new_sae, folder)
+        except Killed: pass
+        finally: os.replace, os.rename = real_replace, real_rename
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a kill between the two files: load says so, and uses the weights' own config
+            loaded = SAE.load(folder)
+        outcomes.append(loaded.cfg.d_sae)
+        assert_same_sae(loaded, new_sae if loaded.cfg.d_sae == 24 else old_sae)
+    return outcomes
+
+
+def test_a_kill_during_the_final_sae_replacement_leaves_the_old_or_the_new_sae(tmp_path):
+    "The final SAE replaces an earlier one: a kill before any rename of the save leaves a folder that loads as the old SAE or the new one."
+    from sae_nb.train import _save_sae_folder
+    outcomes = kill_at_every_rename(tmp_path, _save_sae_folder)
+    assert set(outcomes) == {16, 24} and outcomes[-1] == 24, outcomes  # some kills land before the swap, and the save gets through
+
+
+def test_the_kill_check_fails_for_a_save_that_deletes_the_old_sae_first(tmp_path):
+    "The check above can fail: a save that removes the old folder and then writes the new one leaves nothing to load after a kill."
+    def delete_then_save(sae, folder):
+        shutil.rmtree(folder)
+        return sae.save(folder)
+    with pytest.raises((SaeNbError, FileNotFoundError, AssertionError)): kill_at_every_rename(tmp_path, delete_then_save)
+
+
+@pytest.fixture
+def checkpointed_run(tmp_path):
+    "A finished 30-step run with checkpoints step_20 and step_30 (the notebook's `standard_straight`)."
+    out = tmp_path / "run"
+    train_sae(data(), CFG, run_cfg(out, steps=30, checkpoint_every=10))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_20", "step_30"]
+    return out
+
+
+def _drop_step(ck):
+    state = read_json(ck / "trainer_state.json"); del state["step"]
+    write_json_atomic(state, ck / "trainer_state.json")
+
+
+def _wrong_adam_shape(ck):
+    t = load_safetensors_checked(ck / "trainer_state.safetensors"); t["optimizer.W_enc.exp_avg"] = torch.zeros(3)
+    save_safetensors_atomic(t, ck / "trainer_state.safetensors")
+
+
+def _wrong_rng(ck):
+    state = read_json(ck / "trainer_state.json"); state["rng"]["python"] = [3, [1, 2], None]
+    write_json_atomic(state, ck / "trainer_state.json")
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (_drop_step, "trainer_state.json has no 'step'"),
+    (_wrong_rng, "trainer_state.json has an unusable 'rng' state"),
+    (_wrong_adam_shape, "trainer_state.safetensors has 'optimizer.W_enc.exp_avg' of float32 (3,), expected floating point (16, 48)")])
+def test_a_damaged_checkpoint_is_refused_before_anything_is_restored(checkpointed_run, edit, problem):
+    "Refused with the file, the problem and the way back to the previous checkpoint; the SAE passed in is untouched."
+    ck = latest_checkpoint(checkpointed_run)
+    edit(ck)
+    sae = SAE.from_config(CFG, generator=torch.Generator().manual_seed(0))
+    before = {n: getattr(sae, n).clone() for n in sae.tensor_names}
+    with pytest.raises(SaeNbError) as e: train_sae(data(), sae, run_cfg(checkpointed_run, steps=30, checkpoint_every=10, resume=True))
+    msg = str(e.value)
+    assert msg.startswith(f"Cannot resume from {ck}: {problem}"), msg
+    assert f"delete {ck} and write step_20 into {ck.parent / 'latest'}" in msg, msg
+    assert all(torch.equal(getattr(sae, n), t) for n, t in before.items())
+
+
+def test_latest_may_only_name_a_checkpoint_folder_of_the_run(checkpointed_run):
+    (checkpointed_run / "checkpoints" / "latest").write_text("../../other_run/checkpoints/step_30\n")
+    with pytest.raises(SaeNbError, match=r"not a checkpoint folder of this run \(step_<number>"): latest_checkpoint(checkpointed_run)
+    with pytest.raises(SaeNbError, match=re.escape(str(checkpointed_run / "checkpoints" / "latest"))):
+        train_sae(data(), CFG, run_cfg(checkpointed_run, steps=30, resume=True))
