@@ -261,8 +261,8 @@ def format_metrics(metrics: dict, # scalar metrics from `evaluate`
     return "\n".join(show(k, v) for k, v in s.items() if not k.endswith("_se"))
 
 # %% ../nbs/10_cli.ipynb #c82a5d8e
-def _run_density(model, sae, train_tokens: torch.Tensor, hook: str) -> dict:
-    "Feature densities over `DENSITY_TOKENS` counted tokens of the training windows (all of them when there are fewer)."
+def _run_density(model, sae, train_tokens: torch.Tensor, hook: str) -> dict | list:
+    "Feature densities over `DENSITY_TOKENS` counted tokens of the training windows (all of them when there are fewer); a list of SAEs: one dict each, from one stream."
     counted = int(counted_positions(train_tokens, bos_token_id(model)).sum())
     return feature_density(model, sae, train_tokens, hook, n_tokens=DENSITY_TOKENS if counted >= DENSITY_TOKENS else None)
 
@@ -539,7 +539,7 @@ def _check_sweep_memory(d_in: int, # the hook's width
 
 # %% ../nbs/10_cli.ipynb #c2d5fe44
 def run_sweep(args) -> list:
-    "The sweep job: load, build the grid (checked), tokenise, collect once + train every SAE, evaluate each, write sweep.json/html; returns the rows."
+    "The sweep job: load, build the grid (checked), tokenise, collect once + train every SAE, evaluate them (shared passes, long-stream densities), write sweep.json/html; returns the rows."
     timer = StageTimer()
     out = Path(args.out) if args.out else _default_out(args, "sweep")
     if out.exists() and not out.is_dir(): raise SaeNbError(f"--out {out} is a file, not a folder: pick a folder path.")
@@ -583,17 +583,22 @@ def run_sweep(args) -> list:
     if not main_rank: return []
     collect = float(getattr(store, "collect_seconds", 0.0))
     if collect: timer.seconds["collect"] = collect; timer.seconds["train"] -= collect
-    rows = []
+    saes = [sae for sae, _ in results]
     with timer("evaluate"):
-        for (name, cfg, settings), (sae, history) in zip(grid, results):
-            metrics = _scalars(evaluate(model, sae, eval_tokens, args.hook))
+        evals = evaluate(model, saes, eval_tokens, args.hook)           # the clean and ablation passes once for all the SAEs
+        densities = _run_density(model, saes, train_tokens, args.hook)  # one stream through the truncated model for all
+    rows = []
+    with timer("report"):
+        for (name, cfg, settings), sae, result, density in zip(grid, saes, evals, densities):
+            metrics = dict(_scalars(result), **_density_summary(result, density))  # dead_fraction: the long stream's, as `train`
             row = dict(name=name, folder=name, architecture=cfg.architecture, d_sae=cfg.d_sae, k=cfg.k if cfg.architecture in ARCHITECTURES_WITH_K else None,
                        l1_coefficient=settings["l1_coefficient"] if cfg.architecture in _COEFFICIENT_ARCHITECTURES else None, lr=settings["lr"],
                        metrics=metrics)
             write_json_atomic(dict(metrics, d_in=d_in, d_sae=cfg.d_sae, architecture=cfg.architecture, model=args.model, hook=args.hook,
                                    corpus=args.corpus, steps=train_cfg.num_steps, batch_size=train_cfg.batch_size, seed=args.seed), out / name / "metrics.json")
+            write_saebench_core(out / name / "saebench_core.json", result, density, sae,
+                                eval_config=dict(model_name=args.model, hook_name=args.hook, dataset=args.corpus, context_size=args.context_size))
             rows.append(row)
-    with timer("report"):
         summary = read_json(out / "sweep.json")  # train_saes' list of the SAEs, completed with their metrics
         summary.update(model=args.model, hook=args.hook, corpus=args.corpus, d_in=d_in, steps=train_cfg.num_steps,
                        batch_size=train_cfg.batch_size, seed=args.seed, runs=rows)
@@ -603,7 +608,9 @@ def run_sweep(args) -> list:
     summary["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
     write_json_atomic(summary, out / "sweep.json")
     keys = ("l0", "explained_variance", "loss_recovered", "dead_fraction")
-    print(f"\n{len(rows)} SAEs in {out} (metrics on {rows[0]['metrics'].get('n_tokens')} held-out tokens):\n  {'name':<28}" + "".join(f"{k:>20}" for k in keys))
+    m0 = rows[0]["metrics"]
+    print(f"\n{len(rows)} SAEs in {out} (metrics on {m0.get('n_tokens')} held-out tokens; dead_fraction: never fired in "
+          f"{m0['density_n_tokens']:,} tokens of the training windows):\n  {'name':<28}" + "".join(f"{k:>20}" for k in keys))
     for r in rows: print(f"  {r['name']:<28}" + "".join(f"{r['metrics'].get(k, float('nan')):>20.4g}" for k in keys))
     print(f"\nstages (wall time):\n{timer.table()}")
     return rows
@@ -615,6 +622,9 @@ def _frontier_figure(rows: list, # sweep.json's runs (settings, and their metric
     from sae_nb.plots import frontier_table, plot_frontier
     return plot_frontier(frontier_table(rows))
 
+_DEAD_NOTE = ("dead_fraction: the share of features that never fired in density_n_tokens tokens of the training windows (their "
+              "density is below 3 / density_n_tokens at 95%); eval_dead_fraction: the same on the held-out tokens, too few to tell rare features from dead ones.")
+
 def write_sweep_report(path: str | Path, # the page, e.g. OUT/sweep.html
                        summary: dict, # the content of OUT/sweep.json (runs with their metrics)
                       ) -> Path:
@@ -622,7 +632,7 @@ def write_sweep_report(path: str | Path, # the page, e.g. OUT/sweep.html
     import html
     rows = summary["runs"]
     cols = ["name", "architecture", "d_sae", "k", "l1_coefficient", "lr"]
-    metric_cols = [k for k in ("l0", "explained_variance", "loss_recovered", "kl", "dead_fraction", "mse") if any(k in r["metrics"] for r in rows)]
+    metric_cols = [k for k in ("l0", "explained_variance", "loss_recovered", "kl", "dead_fraction", "density_n_tokens", "eval_dead_fraction", "mse") if any(k in r["metrics"] for r in rows)]
     def cell(v): return html.escape("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols + metric_cols)
     body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in cols) + "".join(f"<td>{cell(r['metrics'].get(c))}</td>" for c in metric_cols) + "</tr>"
@@ -633,7 +643,8 @@ def write_sweep_report(path: str | Path, # the page, e.g. OUT/sweep.html
            "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}td,th{padding:2px 10px;text-align:right}"
            "table{border-collapse:collapse}tr:nth-child(even){background:#f4f4f4}</style></head><body>"
            f"<h1>{title}</h1><p>{html.escape(str(summary.get('steps')))} steps x {html.escape(str(summary.get('batch_size')))} tokens, "
-           f"seed {html.escape(str(summary.get('seed')))}; each row's folder holds its SAE (sae/), history.json and metrics.json.</p>"
+           f"seed {html.escape(str(summary.get('seed')))}; each row's folder holds its SAE (sae/), history.json, metrics.json and saebench_core.json. "
+           f"{html.escape(_DEAD_NOTE) if 'density_n_tokens' in metric_cols else ''}</p>"
            f"<table><tr>{head}</tr>{body}</table><h2>Sparsity vs fidelity</h2>{plot}</body></html>")
     with atomic_path(path) as tmp: Path(tmp).write_text(doc, encoding="utf-8")
     return Path(path)

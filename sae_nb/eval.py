@@ -336,10 +336,55 @@ def ratio_se(num, # per-window numerators [W], e.g. each window's summed cross-e
     r = num.sum() / total
     return (math.sqrt(W / (W - 1)) * torch.linalg.vector_norm(num - r * den) / total.abs()).item()
 
+# %% ../nbs/06_eval.ipynb #d8851a17
+def _sae_list(sae, # one SAE, or a list/tuple of SAEs
+              caller: str, # the function asking, for the message
+             ) -> list:
+    "`[sae]` for one SAE, the SAEs themselves for a list or tuple (refused when empty)."
+    if isinstance(sae, (list, tuple)):
+        if not sae: raise SaeNbError(f"{caller} got an empty list of SAEs: pass one SAE or a non-empty list of them.")
+        return list(sae)
+    return [sae]
+
+def _shared_hooks(model: HookedTransformer, # the model
+                  saes: list, # the SAEs (or transcoders) to evaluate together
+                  hook_name: str | None, # as in `evaluate`
+                  hook_name_out: str | None, # as in `evaluate`
+                 ) -> tuple:
+    "The (hook read, hook replaced or None) every SAE of the list shares, checked as `evaluate` checks one; refused if they differ."
+    pairs = []
+    for s in saes:
+        h = _in_hook(s, hook_name)
+        check_hook_name(model, h)
+        pairs.append((h, _out_hook(model, s, h, hook_name_out)))  # None: an SAE, which replaces its own hook
+    if len(set(pairs)) > 1:
+        seen = ", ".join(f"item {i}: reads {h!r}" + (f", replaces {o!r}" if o else "") for i, (h, o) in enumerate(pairs))
+        raise SaeNbError(f"evaluate runs the clean and ablation passes once for a list of SAEs, so they must read (and replace) "
+                         f"the same hooks; here {seen}: evaluate each hook's SAEs in their own call.")
+    return pairs[0]
+
+class _Slot:
+    "One SAE of an `evaluate` call: the SAE, where it runs, its sizes and its running sums."
+    def __init__(self, sae, out_hook, mean_act):
+        self.sae, self.p, self.d_in, self.d_sae = sae, _sae_param(sae), _d_in(sae), int(sae.W_dec.shape[0])
+        self.d_target = int(sae.cfg.out_width) if out_hook else self.d_in
+        self.sums = _Sums(self.d_sae, _to_sae_input(mean_act[None, None], self.d_target)[0, 0].to(self.p.device))
+
+    def add_baseline(self, base: dict, loss_mask):
+        "Add one batch's SAE-independent per-window sums (clean, zero and mean CE, zero KL) and loss-position counts."
+        s = self.sums
+        for name in ("clean", "zero", "mean"):
+            s.ce[name] += base[f"ce_{name}"].sum().item()
+            s.add_window_sums(f"ce_{name}", base[f"ce_{name}"])
+        s.kl_zero += base["kl_zero"].sum().item()
+        s.add_window_sums("kl_zero", base["kl_zero"])
+        s.n_loss += int(loss_mask.sum())
+        s.add_window_sums("n_loss", loss_mask.sum(1))
+
 # %% ../nbs/06_eval.ipynb #6ed20305
 @torch.inference_mode()
 def evaluate(model: HookedTransformer, # the model the SAE was trained on
-             sae: torch.nn.Module, # the SAE (encode/decode, W_dec, cfg.d_in/d_sae)
+             sae: torch.nn.Module | list, # the SAE (encode/decode, W_dec, cfg.d_in/d_sae), or a list of SAEs reading the same hook
              tokens_or_store, # [n_windows, pos] token ids, or an ActivationStore-like object with `.tokens`
              hook_name: str | None = None, # the hook the SAE reads, e.g. "blocks.0.mlp.hook_post"; None: `sae.cfg.hook_name`
              batch_size: int = 8, # windows per forward pass
@@ -349,21 +394,19 @@ def evaluate(model: HookedTransformer, # the model the SAE was trained on
              mean_activation: torch.Tensor | None = None, # mean-ablation value; None: the mean over the eval tokens
              progress: bool = False, # show a tqdm progress bar
              hook_name_out: str | None = None, # transcoders: the hook whose activation is replaced; None: `sae.cfg.hook_name_out`
-            ) -> dict:
-    "Reconstruction, sparsity, spliced-model loss and agreement metrics of `sae` at `hook_name` over the eval tokens, with standard errors."
-    hook_name = _in_hook(sae, hook_name)
-    check_hook_name(model, hook_name)
-    out_hook = _out_hook(model, sae, hook_name, hook_name_out)  # None: an SAE, which replaces its own hook
+            ) -> dict | list:
+    "Reconstruction, sparsity, spliced-model loss and agreement metrics of `sae` at `hook_name` over the eval tokens, with standard errors (a list of SAEs: one dict each, the clean and ablation passes run once for all)."
+    saes = _sae_list(sae, "evaluate")
+    hook_name, out_hook = _shared_hooks(model, saes, hook_name, hook_name_out)
     target_hook = out_hook or hook_name  # the activation replaced, and compared with the SAE's output
     tokens = _eval_tokens(model, tokens_or_store, max_tokens, exclude_bos)  # checked, and refused before any work if unscorable
     if mean_activation is None: mean_activation = mean_hook_activation(model, tokens, target_hook, batch_size, exclude_bos)
-    d_in, d_sae, bos, start = _d_in(sae), int(sae.W_dec.shape[0]), bos_token_id(model), _start_block(model, hook_name)
-    p = _sae_param(sae)
+    bos, start = bos_token_id(model), _start_block(model, hook_name)
     mean_act = mean_activation.to(model.cfg.device)
-    d_target = int(sae.cfg.out_width) if out_hook else d_in
-    sums = _Sums(d_sae, _to_sae_input(mean_act[None, None], d_target)[0, 0].to(p.device))
+    slots = [_Slot(s, out_hook, mean_act) for s in saes]
     resid_name = f"blocks.{start}.hook_resid_pre" if start is not None else None
-    with _eval_mode(sae):
+    with contextlib.ExitStack() as modes:
+        for s in saes: modes.enter_context(_eval_mode(s))
         for batch in tqdm(tokens.split(batch_size), disable=not progress, desc="evaluate"):
             batch = batch.to(model.cfg.device)
             keep = counted_positions(batch, bos, exclude_bos)
@@ -379,46 +422,48 @@ def evaluate(model: HookedTransformer, # the model the SAE was trained on
             def spliced(hook_fn):
                 if resid is None: return model.run_with_hooks(batch, fwd_hooks=[(target_hook, hook_fn)], **kw)
                 return model.run_with_hooks(resid, start_at_layer=start, fwd_hooks=[(target_hook, hook_fn)], **kw)
-            # the SAE on the captured activation
-            x = _to_sae_input(captured[hook_name], d_in).to(p.device, p.dtype)
-            f = sae.encode(x)
-            if out_hook is None: x_hat = sae.decode(f)
-            else:  # a transcoder: its prediction sae(x), compared with the true output y (x below)
-                x_hat = _transcoder_predict(sae, x, f)
-                x = _to_sae_input(act, d_target).to(p.device, p.dtype)
-            sums.add_activations(x, x_hat, f, keep.to(p.device))
-            replacement = x_hat + (x - x_hat) if keep_error_term else x_hat
             keep_kl = keep.to(logits_clean.device)
-            def add_ce(name, logits):
-                per_window = _ce_windows(logits, targets, loss_mask)
-                sums.ce[name] += per_window.sum().item()
-                sums.add_window_sums(f"ce_{name}", per_window)
-            def add_kl(name, logp):
+            def kl_windows(logp):
                 kl = F.kl_div(logp, logp_clean, log_target=True, reduction="none").sum(-1)
-                per_window = (kl.double() * keep_kl).sum(1)
-                setattr(sums, name, getattr(sums, name) + per_window.sum().item())
-                sums.add_window_sums(name, per_window)
-            # losses: clean, then one spliced run per variant
+                return (kl.double() * keep_kl).sum(1)
+            # the SAE-independent passes, once for every SAE: clean, zero ablation, mean ablation
+            base = dict(ce_clean=_ce_windows(logits_clean, targets, loss_mask))
             logp_clean = logits_clean.float().log_softmax(-1)
-            add_ce("clean", logits_clean)
-            sums.n_loss += int(loss_mask.sum())
-            sums.add_window_sums("n_loss", loss_mask.sum(1))
-            logits_sae = spliced(_replace_at(keep, replacement.reshape(act.shape)))
-            add_ce("sae", logits_sae)
-            logp_sae = logits_sae.float().log_softmax(-1)
-            add_kl("kl", logp_sae)
-            top_clean, top_sae = logp_clean.topk(5, dim=-1).indices, logp_sae.topk(5, dim=-1).indices
-            sums.top1 += (top_clean[..., 0] == top_sae[..., 0])[keep].sum().item()
-            overlap = (top_clean[..., :, None] == top_sae[..., None, :]).any(-1).sum(-1)
-            sums.top5 += overlap[keep].double().sum().item() / 5
-            del logits_sae, logp_sae
+            top_clean = logp_clean.topk(5, dim=-1).indices
+            del logits_clean
             logits_zero = spliced(_replace_at(keep, torch.zeros((), device=act.device)))
-            add_ce("zero", logits_zero)
-            add_kl("kl_zero", logits_zero.float().log_softmax(-1))
-            del logits_clean, logp_clean, logits_zero
-            add_ce("mean", spliced(_replace_at(keep, mean_act)))
-    if sums.n == 0: raise SaeNbError("No counted positions (every token is BOS?): use longer windows or exclude_bos=False.")
-    return _finish(sums, d_sae)
+            base["ce_zero"] = _ce_windows(logits_zero, targets, loss_mask)
+            base["kl_zero"] = kl_windows(logits_zero.float().log_softmax(-1))
+            del logits_zero
+            base["ce_mean"] = _ce_windows(spliced(_replace_at(keep, mean_act)), targets, loss_mask)
+            # per SAE: its encoder and decoder on the captured activation, and one spliced run
+            for slot in slots:
+                sae_i, p, sums = slot.sae, slot.p, slot.sums
+                x = _to_sae_input(captured[hook_name], slot.d_in).to(p.device, p.dtype)
+                f = sae_i.encode(x)
+                if out_hook is None: x_hat = sae_i.decode(f)
+                else:  # a transcoder: its prediction sae(x), compared with the true output y (x below)
+                    x_hat = _transcoder_predict(sae_i, x, f)
+                    x = _to_sae_input(act, slot.d_target).to(p.device, p.dtype)
+                sums.add_activations(x, x_hat, f, keep.to(p.device))
+                replacement = x_hat + (x - x_hat) if keep_error_term else x_hat
+                logits_sae = spliced(_replace_at(keep, replacement.reshape(act.shape)))
+                ce_sae = _ce_windows(logits_sae, targets, loss_mask)
+                sums.ce["sae"] += ce_sae.sum().item()
+                sums.add_window_sums("ce_sae", ce_sae)
+                logp_sae = logits_sae.float().log_softmax(-1)
+                kl = kl_windows(logp_sae)
+                sums.kl += kl.sum().item()
+                sums.add_window_sums("kl", kl)
+                top_sae = logp_sae.topk(5, dim=-1).indices
+                sums.top1 += (top_clean[..., 0] == top_sae[..., 0])[keep].sum().item()
+                overlap = (top_clean[..., :, None] == top_sae[..., None, :]).any(-1).sum(-1)
+                sums.top5 += overlap[keep].double().sum().item() / 5
+                del logits_sae, logp_sae, x, x_hat, f, replacement
+                slot.add_baseline(base, loss_mask)
+    if slots[0].sums.n == 0: raise SaeNbError("No counted positions (every token is BOS?): use longer windows or exclude_bos=False.")
+    results = [_finish(slot.sums, slot.d_sae) for slot in slots]
+    return results if isinstance(sae, (list, tuple)) else results[0]
 
 # %% ../nbs/06_eval.ipynb #02c03745
 def _finish(sums: _Sums, d_sae: int) -> dict:
@@ -494,7 +539,7 @@ def _density_windows(model, source, n_tokens, exclude_bos):
 # %% ../nbs/06_eval.ipynb #ea1a18e8
 @torch.inference_mode()
 def feature_density(model: HookedTransformer, # the model the SAE was trained on
-                    sae: torch.nn.Module, # the SAE (encode, W_dec)
+                    sae: torch.nn.Module | list, # the SAE (encode, W_dec), or a list of SAEs reading `hook_name`
                     tokens_or_store, # [n_windows, pos] token ids, or an ActivationStore-like object with `.tokens`
                     hook_name: str, # the hook the SAE reads
                     n_tokens: int | None = DENSITY_TOKENS, # counted tokens to stream (whole windows, at least this many); None: all
@@ -502,32 +547,41 @@ def feature_density(model: HookedTransformer, # the model the SAE was trained on
                     exclude_bos: bool = True, # leave BOS positions out (the one BOS definition, `counted_positions`)
                     dense_threshold: float = 0.1, # features firing on more than this share of tokens are "dense"
                     progress: bool = False, # show a tqdm progress bar
-                   ) -> dict:
-    "Per-feature firing densities over a long token stream through the model truncated at `hook_name`, in constant memory."
+                   ) -> dict | list:
+    "Per-feature firing densities over a long token stream through the model truncated at `hook_name`, in constant memory (a list of SAEs: one dict each, from one stream)."
+    saes = _sae_list(sae, "feature_density")
     check_hook_name(model, hook_name)
     tokens = _density_windows(model, tokens_or_store, n_tokens, exclude_bos)
-    stop, bos, d_in, d_sae, p = _stop_layer(model, hook_name), bos_token_id(model), _d_in(sae), int(sae.W_dec.shape[0]), _sae_param(sae)
-    fired = torch.zeros(d_sae, dtype=torch.long, device=p.device)     # tokens where feature i != 0
-    windows_fired = torch.zeros_like(fired)                           # windows where feature i fires at least once
-    act_sum = torch.zeros(d_sae, dtype=torch.float64, device=p.device)  # sum of feature i's activations
+    stop, bos = _stop_layer(model, hook_name), bos_token_id(model)
+    counts = []  # per SAE: tokens where feature i != 0, windows where it fires at least once, sum of its activations
+    for s in saes:
+        p = _sae_param(s)
+        fired = torch.zeros(int(s.W_dec.shape[0]), dtype=torch.long, device=p.device)
+        counts.append((fired, torch.zeros_like(fired), torch.zeros(len(fired), dtype=torch.float64, device=p.device)))
     n = 0
-    with _eval_mode(sae):
+    with contextlib.ExitStack() as modes:
+        for s in saes: modes.enter_context(_eval_mode(s))
         for batch in tqdm(tokens.split(batch_size), disable=not progress, desc="feature density"):
             batch = batch.to(model.cfg.device)
             captured = {}
             def capture(act, hook): captured["act"] = act
             model.run_with_hooks(batch, fwd_hooks=[(hook_name, capture)], stop_at_layer=stop, return_type=None,
-                                 **_no_padding_kwargs(model, batch))
-            keep = counted_positions(batch, bos, exclude_bos).to(p.device)
-            f = sae.encode(_to_sae_input(captured.pop("act"), d_in).to(p.device, p.dtype))  # [batch, pos, d_sae]
-            f = f * keep[..., None]                                      # BOS positions never fire
-            active = f != 0
-            fired += active.sum((0, 1))
-            windows_fired += active.any(1).sum(0)
-            act_sum += f.sum((0, 1)).double()
-            n += int(keep.sum())
-            del f, active
-    return _density_result(fired, windows_fired, act_sum, n, len(tokens), dense_threshold)
+                                 **_no_padding_kwargs(model, batch))  # one truncated forward pass for every SAE
+            act, counted = captured.pop("act"), counted_positions(batch, bos, exclude_bos)
+            for s, (fired, windows_fired, act_sum) in zip(saes, counts):
+                p = _sae_param(s)
+                keep = counted.to(p.device)
+                f = s.encode(_to_sae_input(act, _d_in(s)).to(p.device, p.dtype))  # [batch, pos, d_sae]
+                f = f * keep[..., None]                                      # BOS positions never fire
+                active = f != 0
+                fired += active.sum((0, 1))
+                windows_fired += active.any(1).sum(0)
+                act_sum += f.sum((0, 1)).double()
+                del f, active
+            n += int(counted.sum())
+            del act
+    results = [_density_result(*c, n, len(tokens), dense_threshold) for c in counts]
+    return results if isinstance(sae, (list, tuple)) else results[0]
 
 # %% ../nbs/06_eval.ipynb #60a2aed9
 def _density_result(fired, windows_fired, act_sum, n, n_windows, dense_threshold=0.1) -> dict:

@@ -20,6 +20,15 @@ from sae_nb.sae import SAE, SAEConfig
 HOOK = "blocks.0.mlp.hook_post"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    "Tiny tensors: one thread is fastest, and idle OpenMP threads spinning on shared cores slow everything down."
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model():
     return load_model("glassllm-en")
@@ -165,3 +174,60 @@ def test_saebench_core_json_is_strict_json_with_saebench_keys_and_nan_as_null(mo
 def test_saebench_core_refuses_an_old_result_without_the_new_keys():
     with pytest.raises(SaeNbError, match="evaluate returns"):
         saebench_core_metrics(dict(l0=1.0, ce_clean=1.0, ce_sae=1.0, ce_zero=2.0, loss_recovered=1.0))
+
+
+# -- several SAEs on one hook (a sweep): shared passes, identical numbers ------------------------------------------
+
+
+def same_result(a, b):
+    "Same keys and the same values, bit for bit (tensors equal, NaN where NaN)."
+    assert a.keys() == b.keys(), (a.keys() ^ b.keys())
+    for k in a:
+        if isinstance(a[k], torch.Tensor): assert torch.equal(a[k], b[k]), k
+        else: assert a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]), (k, a[k], b[k])
+    return True
+
+
+def test_evaluate_a_list_of_architectures_equals_separate_calls(model, tokens):
+    d = model.cfg.d_mlp
+    saes = [random_sae(d, "topk"), random_sae(d, "standard", seed=1), random_sae(d, "jumprelu", seed=3)]
+    together = evaluate(model, saes, tokens[:4], HOOK, batch_size=2)
+    assert isinstance(together, list) and len(together) == 3
+    for sae, r in zip(saes, together):
+        assert same_result(r, evaluate(model, sae, tokens[:4], HOOK, batch_size=2))
+        assert not sae.training  # eval mode inside, the flag restored
+
+
+def test_evaluate_a_list_of_transcoders_equals_separate_calls(model, tokens):
+    hin, hout, dm = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out", model.cfg.d_model
+    def tc(seed, **kw):
+        cfg = SAEConfig("topk", d_in=dm, d_sae=32, k=4, transcoder=True, d_out=dm, hook_name=hin, hook_name_out=hout, **kw)
+        return SAE.from_config(cfg, generator=torch.Generator().manual_seed(seed)).eval()
+    tcs = [tc(0), tc(1, skip=True)]
+    for a, t in zip(evaluate(model, tcs, tokens[:4], batch_size=2), tcs):
+        assert same_result(a, evaluate(model, t, tokens[:4], batch_size=2))
+    with pytest.raises(SaeNbError, match="same hooks"):  # an SAE and a transcoder replace different hooks
+        evaluate(model, [tcs[0], random_sae(dm)], tokens[:6], hin)
+
+
+def test_evaluate_a_list_refuses_mixed_hooks_before_running_the_model(model, tokens, monkeypatch):
+    d = model.cfg.d_mlp
+    a = SAE.from_config(SAEConfig("standard", d_in=d, d_sae=8, hook_name=HOOK))
+    b = SAE.from_config(SAEConfig("standard", d_in=d, d_sae=8, hook_name="blocks.1.mlp.hook_post"))
+    monkeypatch.setattr(model, "run_with_hooks", lambda *x, **kw: pytest.fail("the model ran before the list was checked"))
+    with pytest.raises(SaeNbError, match=r"item 1: reads 'blocks.1.mlp.hook_post'"): evaluate(model, [a, b], tokens)
+    with pytest.raises(SaeNbError, match="empty list"): evaluate(model, [], tokens, HOOK)
+    with pytest.raises(SaeNbError, match="empty list"): feature_density(model, (), tokens, HOOK)
+
+
+def test_feature_density_of_a_list_equals_separate_calls_with_one_stream(model, tokens, monkeypatch):
+    d = model.cfg.d_mlp
+    saes = [random_sae(d, "standard", d_sae=64, seed=s) for s in range(3)] + [random_sae(d, "topk")]
+    with torch.no_grad(): saes[0].b_enc -= 1.0
+    forwards, run = [], model.run_with_hooks
+    def counted(*a, **kw): forwards.append(1); return run(*a, **kw)
+    monkeypatch.setattr(model, "run_with_hooks", counted)
+    together = feature_density(model, saes, tokens, HOOK, n_tokens=500, batch_size=8)
+    assert len(forwards) == math.ceil(together[0]["n_windows"] / 8)  # one truncated pass per batch for all four SAEs
+    for sae, r in zip(saes, together):
+        assert same_result(r, feature_density(model, sae, tokens, HOOK, n_tokens=500, batch_size=8))

@@ -253,3 +253,45 @@ def test_sweep_cli_refuses_bad_grids_before_any_work(tmp_path, argv, expect):
     code, err = run_cli("sweep", *TINY, *argv, "--out", str(out))
     assert code == 2 and len(err.strip().splitlines()) == 1 and expect in err, err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_sweep_dead_fractions_come_from_the_long_stream_with_saebench_core_per_sae(one_thread, tmp_path):
+    # before: each SAE's dead_fraction came from the 2 x 31 held-out tokens, no token count, no saebench_core.json
+    from sae_nb.cli import DEFAULT_CORPUS, DEFAULT_HOOK, _tokens_needed, main
+    from sae_nb.data import bos_token_id, counted_positions, load_corpus, tokenize_corpus
+    from sae_nb.eval import evaluate, feature_density
+    from sae_nb.models import load_model
+    out, printed, err = tmp_path / "sweep", io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(err):
+        code = main(["sweep", *TINY, "--architecture", "topk", "--k", "4,8", "--out", str(out)])
+    assert code in (0, None), err.getvalue()
+    # the windows the CLI trained on and held out, rebuilt as it builds them
+    model = load_model("glassllm-en", device="cpu")
+    tokens = tokenize_corpus(load_corpus(DEFAULT_CORPUS), model, context_size=32, max_tokens=_tokens_needed(12 * 128, 32, 2),
+                             show_progress=False)
+    train_tokens, eval_tokens = tokens[:-2], tokens[-2:]
+    n_stream = int(counted_positions(train_tokens, bos_token_id(model)).sum())  # under DENSITY_TOKENS: the whole stream
+    rows = read_json(out / "sweep.json")["runs"]
+    assert [r["name"] for r in rows] == ["topk-k4", "topk-k8"]
+    for r in rows:
+        folder = out / r["folder"]
+        m, saved = r["metrics"], read_json(folder / "metrics.json")
+        assert {k: saved[k] for k in m} == m  # the run folder's metrics.json holds the row's metrics
+        sae = SAE.load(folder / "sae")
+        alone = feature_density(model, sae, train_tokens, DEFAULT_HOOK, n_tokens=None)  # one SAE, its own stream
+        assert m["density_n_tokens"] == alone["n_tokens"] == n_stream > 10 * m["n_tokens"]
+        for key in ("dead_fraction", "dense_fraction", "dead_upper_bound", "unresolved_fraction"):
+            assert m[key] == alone[key], (key, m[key], alone[key])
+        held_out = evaluate(model, sae, eval_tokens, DEFAULT_HOOK)
+        assert (m["eval_dead_fraction"], m["eval_dense_fraction"]) == (held_out["dead_fraction"], held_out["dense_fraction"])
+        for key in ("l0", "explained_variance", "loss_recovered", "kl", "ce_sae", "ce_clean", "ce_zero", "ce_mean", "n_tokens"):
+            assert m[key] == held_out[key], (key, m[key], held_out[key])  # the shared passes give each SAE's own numbers
+        core = read_json(folder / "saebench_core.json")
+        assert core["eval_type_id"] == "core" and core["eval_config"]["context_size"] == 32
+        assert core["eval_result_unstructured"]["feature_density_n_tokens"] == n_stream
+        assert abs(core["eval_result_metrics"]["misc_metrics"]["frac_alive"] - (1 - m["dead_fraction"])) < 1e-12
+        assert len(core["eval_result_details"]) == sae.cfg.d_sae
+    page = (out / "sweep.html").read_text()
+    assert "<th>density_n_tokens</th>" in page and "<th>eval_dead_fraction</th>" in page and f"<td>{n_stream}</td>" in page
+    assert "never fired in density_n_tokens tokens of the training windows" in page
+    assert f"never fired in {n_stream:,} tokens of the training windows" in printed.getvalue(), printed.getvalue()
