@@ -7,11 +7,13 @@ __all__ = ['SITE_MARKER', 'FEATURES_PER_DIR', 'site_feature', 'read_site_data', 
            'write_dashboard', 'feature_card_html', 'top_features', 'report_features_html']
 
 # %% ../nbs/12_dashboard.ipynb #09f53dc1
+import contextlib
 import html
 import json
 import math
 import os
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from pathlib import Path
 import torch
 
 # %% ../nbs/12_dashboard.ipynb #c02b4c55
-from .config import LOCK_NAME, SaeNbError, atomic_path, read_json
+from .config import LOCK_NAME, SaeNbError, atomic_path, folder_lock, read_json
+from .features import _gc_paused
 
 # %% ../nbs/12_dashboard.ipynb #86824e79
 SITE_MARKER = "sae_nb_dashboard.json"  # marks a folder as a dashboard `write_dashboard` wrote (only such a folder is replaced)
@@ -41,7 +44,9 @@ def _compact(obj, # a feature view, a list of rows...: dicts, lists, tuples, ten
     t = type(obj)
     if t is float: return _finite(obj, digits)
     if obj is None or t in (bool, str, int): return obj
-    if t in (list, tuple): return [_compact(v, digits) for v in obj]
+    if t in (list, tuple):
+        if t is list and all(type(v) is str for v in obj): return list(obj)  # token strings: nothing to round (a copy, as below)
+        return [_compact(v, digits) for v in obj]
     if t is dict: return {str(k): _compact(v, digits) for k, v in obj.items()}
     if isinstance(obj, (bool, str)): return obj
     if isinstance(obj, int): return int(obj)
@@ -511,6 +516,33 @@ def _write_files(items, # (path, text) pairs, produced lazily
                 pending = []
         for p in pending: p.result()
 
+# %% ../nbs/12_dashboard.ipynb #03a6e821
+_BUILDING: set = set()  # site folders (resolved) a thread of this process is writing
+_BUILDING_GUARD = threading.Lock()
+
+@contextlib.contextmanager
+def _site_lock(folder: Path):
+    "Own the site folder for one build: `folder_lock` against other processes, a set of folders against other threads (that lock is re-entrant)."
+    key = str(folder.resolve())
+    with _BUILDING_GUARD:
+        if key in _BUILDING:
+            raise SaeNbError(f"The dashboard folder {folder} is being written by another thread of this process: wait for that build "
+                             "to finish, or pick another folder.")
+        _BUILDING.add(key)
+    try:
+        with folder_lock(folder, "dashboard folder"): yield
+    finally:
+        with _BUILDING_GUARD: _BUILDING.discard(key)
+
+def _feature_views(index, # a feature index
+                   chunk: int = 256, # features made into views at once
+                  ):
+    "Every feature's (id, view) in order, from `index.features(ids)` a chunk at a time (bulk); one by one from `index.feature` for an index without it."
+    d = int(index.d_sae)
+    for s in range(0, d, chunk):
+        ids = list(range(s, min(d, s + chunk)))
+        yield from zip(ids, index.features(ids) if hasattr(index, "features") else [index.feature(f) for f in ids])
+
 # %% ../nbs/12_dashboard.ipynb #757ccc3b
 def write_dashboard(index, # a feature index (`sae_nb.features.build_feature_index` / `FeatureIndex.load`)
                     folder: str | Path, # the site folder (created; an earlier dashboard there is replaced)
@@ -529,26 +561,31 @@ def write_dashboard(index, # a feature index (`sae_nb.features.build_feature_ind
     _check_index(index)
     prompts = _check_prompts(prompts, model, sae)
     folder = _check_site_folder(folder)                      # refusals first, then the work
-    summary = site_summary(index, title, meta)
-    pages = prompt_pages(index, model, sae, prompts, k=k) if prompts else []
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.building-{os.getpid()}")
-    if tmp.exists(): shutil.rmtree(tmp)
-    try:
-        d = summary["d_sae"]
-        bar = tqdm(range(d), desc="dashboard", unit="feature", disable=not show_progress)
-        _write_files((tmp / "features" / str(f // FEATURES_PER_DIR) / f"{f}.js", _js_call("saeNbFeature", f, site_feature(index.feature(f))))
-                     for f in bar)
-        _write_files([(tmp / "data" / "summary.js", _js_call("saeNbSummary", summary)),
-                      (tmp / "data" / "tokens.js", _js_call("saeNbTokens", token_table(index, k=token_k))),
-                      (tmp / "data" / "prompts.js", _js_call("saeNbPrompts", pages)),
-                      (tmp / "index.html", _page(title))])
-        _write_file(tmp / SITE_MARKER, json.dumps(dict(sae_nb_dashboard=1, d_sae=d, n_tokens=summary["n_tokens"], title=title,
-                                                      prompts=len(pages)), indent=1))   # last: a site without it is not finished
-        _swap_in(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _site_lock(folder):                                 # one build per folder: a second one fails here, before any work
+        _check_site_folder(folder)
+        summary = site_summary(index, title, meta)
+        pages = prompt_pages(index, model, sae, prompts, k=k) if prompts else []
+        tmp = folder.with_name(f".{folder.name}.building-{os.getpid()}")
+        if tmp.exists(): shutil.rmtree(tmp)
+        try:
+            d = summary["d_sae"]
+            bar = tqdm(total=d, desc="dashboard", unit="feature", disable=not show_progress)
+            def files():
+                for f, view in _feature_views(index):
+                    bar.update()
+                    yield tmp / "features" / str(f // FEATURES_PER_DIR) / f"{f}.js", _js_call("saeNbFeature", f, site_feature(view))
+            with _gc_paused(): _write_files(files())
+            bar.close()
+            _write_files([(tmp / "data" / "summary.js", _js_call("saeNbSummary", summary)),
+                          (tmp / "data" / "tokens.js", _js_call("saeNbTokens", token_table(index, k=token_k))),
+                          (tmp / "data" / "prompts.js", _js_call("saeNbPrompts", pages)),
+                          (tmp / "index.html", _page(title))])
+            _write_file(tmp / SITE_MARKER, json.dumps(dict(sae_nb_dashboard=1, d_sae=d, n_tokens=summary["n_tokens"], title=title,
+                                                          prompts=len(pages)), indent=1))   # last: a site without it is not finished
+            _swap_in(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return folder / "index.html"
 
 # %% ../nbs/12_dashboard.ipynb #e197d07b

@@ -7,6 +7,8 @@ __all__ = ['QUANTILE_LEVELS', 'FORMAT', 'VERSION', 'INDEX_JSON', 'INDEX_TENSORS'
            'build_feature_index', 'label_features']
 
 # %% ../nbs/11_features.ipynb #3a96b724
+import contextlib
+import gc
 import hashlib
 import math
 import time
@@ -61,11 +63,12 @@ def _segment_topk(feat: torch.Tensor, # [n] feature of each entry
     sf = feat[order]
     counts = torch.bincount(sf, minlength=d)
     rank = torch.arange(len(sf), device=feat.device) - (counts.cumsum(0) - counts)[sf]
-    m = rank < K
+    sel = (rank < K).nonzero().squeeze(1)  # one nonzero for the selections below (each boolean index would run its own)
+    o, flat = order[sel], sf[sel] * K + rank[sel]
     ck = torch.full((d, K), -math.inf, device=key.device, dtype=key.dtype)
     cs = torch.full((d, K), -1, device=key.device, dtype=torch.long)
-    ck[sf[m], rank[m]] = key[order[m]]
-    cs[sf[m], rank[m]] = order[m]
+    ck.view(-1)[flat] = key[o]
+    cs.view(-1)[flat] = o
     return ck, cs
 
 def _contexts(F: torch.Tensor, # [b * pos, d_sae] the batch's feature activations
@@ -100,9 +103,9 @@ class _TopBuffer:
 
     def update(self, feat, key, t, vals, F, tokens, win_offset, co_table=None):
         "Merge entries (feature, key >= 0, flat token t, activation) of one batch; new entries take the evicted slots."
-        m = key > self.floor[feat]  # only entries that beat the feature's current K-th key can enter
-        if not bool(m.any()): return
-        feat, key, t, vals = feat[m], key[m], t[m], vals[m]
+        sel = (key > self.floor[feat]).nonzero().squeeze(1)  # only entries that beat the feature's current K-th key can enter
+        if len(sel) == 0: return
+        if len(sel) < len(key): feat, key, t, vals = feat[sel], key[sel], t[sel], vals[sel]  # (all of them while the buffer fills)
         ck, cs = _segment_topk(feat, key, self.K, self.d)
         rows = (ck[:, 0] > self.floor).nonzero(as_tuple=True)[0]  # features with something new
         K = self.K
@@ -194,7 +197,7 @@ class _Stream:
         F = f.reshape(b * pos, d)
         fired = F > 0
         tok_i, feat = fired.nonzero(as_tuple=True)
-        vals = F[tok_i, feat]
+        vals = F.reshape(-1).take(tok_i * d + feat)  # (a copy only for a non-contiguous F)
         self.n_fired += torch.bincount(feat, minlength=d)
         self.act_sum.index_add_(0, feat, vals.double())
         self.max_act.scatter_reduce_(0, feat, vals, "amax")
@@ -299,8 +302,8 @@ def _sampled_cooccurrence_tops(co: torch.Tensor, # [d, R, m] co-firing feature i
 # %% ../nbs/11_features.ipynb #6c4ff8dc
 def _f1(p, r): return torch.where(p + r > 0, 2 * p * r / (p + r).clamp(min=1e-30), torch.zeros_like(p))
 
-def _label_candidates(focus, prev, valid, n_fired, token_count, sketch, d_vocab):
-    "Every token and (previous, token) bigram the sampled firings show, scored by estimated F1: (feature, F1, token, prev) per candidate."
+def _label_candidates(focus, prev, valid, n_fired, token_count, sketch, d_vocab, min_count=1):
+    "Every token and (previous, token) bigram the sampled firings show that occurs >= min_count times, scored by estimated F1: (feature, F1, token, prev) per candidate."
     d, R = focus.shape
     n = valid.sum(1).double().clamp(min=1)
     f_idx = torch.arange(d, device=focus.device)[:, None].expand(d, R)
@@ -314,15 +317,17 @@ def _label_candidates(focus, prev, valid, n_fired, token_count, sketch, d_vocab)
         h = _bigram_hashes(rest // d_vocab, rest % d_vocab, d_vocab)
         cands.append((bf, rest % d_vocab, rest // d_vocab, bc, torch.minimum(sketch[0][h[0]], sketch[1][h[1]])))
     for f, tok, pv, c, occurrences in cands:
+        ok = occurrences >= min_count  # a token seen once or twice can match every firing by chance
+        f, tok, pv, c, occurrences = f[ok], tok[ok], pv[ok], c[ok], occurrences[ok]
         share = c.double() / n[f]
         prec = (share * n_fired[f].double() / occurrences.double().clamp(min=1)).clamp(max=1)
         out.append((f, _f1(prec, share) - 1e-9 * (pv >= 0), tok, pv))  # ties go to the single token
     return [torch.cat(t) for t in zip(*out)]
 
-def _choose_labels(focus, prev, valid, n_fired, token_count, sketch, d_vocab):
-    "Per feature the candidate with the best estimated F1 on the given samples: (token [d], previous token [d] or -1); -1 when none."
+def _choose_labels(focus, prev, valid, n_fired, token_count, sketch, d_vocab, min_count=1):
+    "Per feature the candidate (occurring >= min_count times) with the best estimated F1 on the given samples: (token [d], previous token [d] or -1); -1 when none."
     d = focus.shape[0]
-    f, score, tok, pv = _label_candidates(focus, prev, valid, n_fired, token_count, sketch, d_vocab)
+    f, score, tok, pv = _label_candidates(focus, prev, valid, n_fired, token_count, sketch, d_vocab, min_count)
     ck, cs = _segment_topk(f, score.float(), 1, d)
     pick = cs[:, 0]
     has = pick >= 0
@@ -441,6 +446,102 @@ def feature(self: FeatureIndex, f: int, # the feature
             "roundtrip": rt, "label": self.labels[f], "label_score": score if math.isfinite(score) else None,
             "label_detail": self.label_details[f]}
 
+# %% ../nbs/11_features.ipynb #d253efb0
+def _examples(index: FeatureIndex, prefix: str, f: torch.Tensor, j: torch.Tensor) -> list:
+    "Examples (feature f[i], slot j[i]) from the `prefix` buffers, each as `_example` builds it: one gather and one `.tolist()` per field."
+    t = index.t
+    left = int(index.meta["settings"]["context"][0])
+    ctx = t[f"{prefix}_ctx_tok"][f, j]
+    ok = ctx >= 0  # the window's tokens: a contiguous run around the focus (contexts stop at the window's ends)
+    a = (~ok).long().cumprod(1).sum(1)  # invalid slots before the run
+    b = ctx.shape[1] - (~ok).flip(1).long().cumprod(1).sum(1)
+    run = (ok.sum(1) == (b - a).clamp(min=0)).tolist()  # False: not one run (a damaged file?): filter slot by slot
+    strs = np.asarray(index.token_strs, dtype=object)[ctx.clamp(min=0).numpy()].tolist()
+    acts, toks = t[f"{prefix}_ctx_act"][f, j].tolist(), ctx.tolist()
+    a, b, focus = a.tolist(), b.tolist(), ok[:, :left].sum(1).tolist()
+    win, pos, act = (t[f"{prefix}_{k}"][f, j].tolist() for k in ("win", "pos", "act"))
+    out = []
+    for e in range(len(win)):
+        if run[e]: tk, ac = strs[e][a[e]:b[e]], acts[e][a[e]:b[e]]
+        else: tk, ac = [s for s, x in zip(strs[e], toks[e]) if x >= 0], [v for v, x in zip(acts[e], toks[e]) if x >= 0]
+        out.append({"tokens": tk, "acts": ac, "focus": focus[e], "window": win[e], "pos": pos[e], "act": act[e]})
+    return out
+
+@contextlib.contextmanager
+def _gc_paused():
+    "Pause the cyclic garbage collector for the block: building lists and dicts by the million otherwise triggers collections that rescan them all (5x the time)."
+    was = gc.isenabled()
+    gc.disable()
+    try: yield
+    finally:
+        if was: gc.enable()
+
+def _pair_rows(ids: list, vals: list, name=None) -> list:
+    "`_pairs` on lists: [[id or name, value], ...] of the valid (id >= 0) entries."
+    return [[(name[i] if name else i), v] for i, v in zip(ids, vals) if i >= 0]
+
+@patch
+def features(self: FeatureIndex, ids=None, # feature ids (None: every feature; pass chunks of a few hundred for a big SAE)
+            ) -> list:
+    "The views of many features at once, each equal to `feature(f)`: every stored tensor sliced once, lists made in bulk (the dashboard's path)."
+    ids = list(range(self.d_sae)) if ids is None else [_check_feature_id(self, f) for f in ids]
+    if not ids: return []
+    with _gc_paused(): return _features(self, ids)
+
+def _features(self: FeatureIndex, ids: list) -> list:
+    "`features` on checked ids, the collector paused."
+    t, s = self.t, self.meta["settings"]
+    I = torch.tensor(ids)
+    n_fired = t["n_fired"][I]
+    top_ok = t["top_win"][I] >= 0
+    tf, tj = top_ok.nonzero(as_tuple=True)  # row-major: each feature's valid top slots in order
+    top = _examples(self, "top", I[tf], tj)
+    # interval samples: reservoir slot j goes to interval i when lo_i <= act < hi_i (the last interval: lo <= act), the
+    # first samples_per_interval such slots in slot order (the rank is a cumulative count), features that fired only
+    edges = t["interval_edges"][I]
+    a = t["res_act"][I][:, :, None]
+    last = torch.zeros(edges.shape[1] - 1, dtype=torch.bool); last[-1] = True
+    inside = (t["res_win"][I] >= 0)[:, :, None] & (edges[:, None, :-1] <= a) & ((a < edges[:, None, 1:]) | last)
+    take = (inside & (inside.long().cumsum(1) <= s["samples_per_interval"]) & (n_fired > 0)[:, None, None]).transpose(1, 2)
+    rf, ri, rj = take.nonzero(as_tuple=True)  # row-major: feature, interval, slot
+    res = _examples(self, "res", I[rf], rj)
+    per_top, per_iv = top_ok.sum(1).tolist(), take.sum(2).tolist()
+    L = lambda name: t[name][I].tolist()
+    dens, mxs, sums, qs, hists, eds = (L(k) for k in ("density", "max_act", "act_sum", "quantiles", "hist_counts", "interval_edges"))
+    scores, nb_ids, nb_cos, co_ids, co_frac = (L(k) for k in ("label_score", "nb_ids", "nb_cos", "co_ids", "co_frac"))
+    has_logits, has_rt = "logit_up_ids" in t, "rt_max_ratio" in t
+    if has_logits: lu_ids, lu_vals, ld_ids, ld_vals = (L(k) for k in ("logit_up_ids", "logit_up_vals", "logit_down_ids", "logit_down_vals"))
+    if has_rt: rt_cols = [L(f"rt_{k}") for k in ("self_activation", "max_ratio", "mean_ratio", "square_ratio", "self_recovered", "argmax")]
+    fin = lambda v: v if math.isfinite(v) else None
+    hist_n, strs, levels = t["hist_counts"].shape[1], self.token_strs, s["quantile_levels"]
+    out, at_top, at_res = [], 0, 0
+    for k, (f, n) in enumerate(zip(ids, n_fired.tolist())):
+        mx = mxs[k]
+        intervals = []
+        if n:
+            e = eds[k]
+            for i in range(len(e) - 1):
+                m = per_iv[k][i]
+                intervals.append({"lo": e[i], "hi": e[i + 1], "examples": res[at_res:at_res + m]})
+                at_res += m
+        rt = None
+        if has_rt:
+            sa, mr, me, sq, rec, am = (c[k] for c in rt_cols)
+            rt = {"self_ratio": fin(sa), "max_ratio": fin(mr), "mean_ratio": fin(me), "square_ratio": fin(sq),
+                  "self_recovered": rec, "argmax": am}
+        out.append({"feature": f, "density": dens[k], "max_act": mx, "n_fired": n,
+                    "mean_act": sums[k] / n if n else None,
+                    "quantiles": [[q, v] for q, v in zip(levels, qs[k])] if n else [],
+                    "histogram": {"edges": [mx * i / hist_n for i in range(hist_n + 1)], "counts": hists[k]} if n
+                                 else {"edges": [], "counts": []},
+                    "top": top[at_top:at_top + per_top[k]], "intervals": intervals,
+                    "logits_up": _pair_rows(lu_ids[k], lu_vals[k], strs) if has_logits else [],
+                    "logits_down": _pair_rows(ld_ids[k], ld_vals[k], strs) if has_logits else [],
+                    "neighbours": _pair_rows(nb_ids[k], nb_cos[k]), "cooccurrence": _pair_rows(co_ids[k], co_frac[k]),
+                    "roundtrip": rt, "label": self.labels[f], "label_score": fin(scores[k]), "label_detail": self.label_details[f]})
+        at_top += per_top[k]
+    return out
+
 # %% ../nbs/11_features.ipynb #8916cfc2
 def _positive_int(name, v):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -488,6 +589,7 @@ def build_feature_index(model: HookedTransformer, # the model the SAE reads
                         cooccurrence: str = "auto", # "exact" (d_sae x d_sae counts), "sampled" (from the reservoir), "auto" (see below)
                         cooccurrence_max_d: int = 8192, # never exact above this d_sae (the counts take 4 d_sae^2 bytes)
                         device=None, # where statistics are accumulated; None: the SAE's device
+                        min_label_count: int = 3, # a label's token or bigram must occur this often in `tokens` to be chosen
                        ) -> FeatureIndex:
     "One streamed pass of `tokens` through the truncated model and the encoder: every feature's statistics, examples and labels."
     hook_name = _in_hook(sae, hook_name)
@@ -498,7 +600,8 @@ def build_feature_index(model: HookedTransformer, # the model the SAE reads
         ("k_top", k_top), ("n_intervals", n_intervals), ("samples_per_interval", samples_per_interval), ("batch_size", batch_size)))
     left, right = _check_context(context)
     reservoir = _positive_int("reservoir", 3 * n_intervals * samples_per_interval if reservoir is None else reservoir)
-    for n, v in (("n_logits", n_logits), ("n_neighbours", n_neighbours), ("n_cooccurrence", n_cooccurrence), ("n_bins", n_bins)):
+    for n, v in (("n_logits", n_logits), ("n_neighbours", n_neighbours), ("n_cooccurrence", n_cooccurrence), ("n_bins", n_bins),
+                 ("min_label_count", min_label_count)):
         _positive_int(n, v)
     bos = bos_token_id(model)
     keep_all = counted_positions(tokens, bos, exclude_bos)
@@ -522,7 +625,7 @@ def build_feature_index(model: HookedTransformer, # the model the SAE reads
     return _finish_index(model, sae, st, tokens=tokens, hook_name=hook_name, out_hook=out_hook, settings=dict(
         k_top=k_top, n_intervals=n_intervals, samples_per_interval=samples_per_interval, context=[left, right],
         batch_size=batch_size, exclude_bos=exclude_bos, seed=seed, reservoir=reservoir, n_bins=n_bins,
-        quantile_levels=list(QUANTILE_LEVELS), cooccurrence="exact" if dense_co else "sampled",
+        quantile_levels=list(QUANTILE_LEVELS), cooccurrence="exact" if dense_co else "sampled", min_label_count=int(min_label_count),
         pass_seconds=time.perf_counter() - t0, pass_cpu_seconds=time.process_time() - c0), t_start=(t0, c0))
 
 # %% ../nbs/11_features.ipynb #8eaee423
@@ -563,7 +666,7 @@ def _finish_index(model, sae, st: _Stream, tokens, hook_name, out_hook, settings
     slot = torch.arange(focus.shape[1], device=focus.device)[None]
     A, B = valid & (slot % 2 == 0), valid & (slot % 2 == 1)
     sketch = st.sketch if left >= 1 else None
-    lab_tok, lab_prev = _choose_labels(focus, prev, A, n_fired, st.token_count, sketch, V)
+    lab_tok, lab_prev = _choose_labels(focus, prev, A, n_fired, st.token_count, sketch, V, settings.get("min_label_count", 1))
     occ = torch.where(lab_prev >= 0, _bigram_count(sketch, lab_prev, lab_tok, V) if sketch is not None else 0,
                       st.token_count[lab_tok.clamp(min=0)])
     prec, rec, f1, nB = _score_on_samples(lab_tok, lab_prev, focus, prev, B, n_fired, occ)
@@ -783,9 +886,11 @@ def label_features(index: FeatureIndex, # the index to label (updated in place: 
                    features=None, # the features to label (None: every feature that fired)
                    batch_size: int = 16, # windows per forward pass
                    show_progress: bool = False, # tqdm progress bar
+                   min_count: int = 3, # a label present fewer times than this (held-out tokens; without them, the indexed ones) is dropped
                   ):
     "Set and score labels (the automatic ones, or an explainer's: they replace index.labels) by F1 of 'label present => fires' on held-out tokens; returns a DataFrame."
     import pandas as pd
+    min_count = _positive_int("min_count", min_count)
     feats = [int(f) for f in (index.n_fired > 0).nonzero().flatten()] if features is None else [_check_feature_id(index, f) for f in features]
     if explainer is not None and not callable(explainer): raise SaeNbError("explainer must be a callable (feature view dict -> dict).")
     if tokens is not None:
@@ -798,7 +903,7 @@ def label_features(index: FeatureIndex, # the index to label (updated in place: 
         rules = {f: {"label": _label_text(int(t["label_tok"][f]), int(t["label_prev"][f]), index.token_strs), "token": int(t["label_tok"][f]), "prev": int(t["label_prev"][f])}
                  for f in feats if int(t["label_tok"][f]) >= 0}
     else: rules = {f: _explained(index, explainer, f) for f in feats}
-    if not rules: return pd.DataFrame(columns=["feature", "label", "score", "precision", "recall", "n_fired", "n_present", "scored_on"])
+    if not rules: return pd.DataFrame(columns=["feature", "label", "score", "precision", "recall", "n_fired", "n_present", "scored_on", "kept"])
     ids = torch.tensor(list(rules))
     if tokens is not None:
         tp, present, fired = (torch.zeros(len(ids), dtype=torch.long) for _ in range(3))
@@ -827,10 +932,18 @@ def label_features(index: FeatureIndex, # the index to label (updated in place: 
         prec = (rec * t["n_fired"][ids].double() / occ.double().clamp(min=1)).clamp(max=1)
         present, fired = occ, t["n_fired"][ids]
         where = "the sampled firings of the indexed tokens (estimate)"
-    f1 = _f1(prec.double(), rec.double())
+    kept = present >= min_count  # a rule seen once or twice scores 1.0 by chance: no label rather than a lucky one
+    nan = torch.full((len(ids),), math.nan, dtype=torch.float64)
+    prec, rec = torch.where(kept, prec.double(), nan), torch.where(kept, rec.double(), nan)
+    f1 = torch.where(kept, _f1(prec, rec), nan)
     rows = []
     for i, (f, r) in enumerate(rules.items()):
         t["label_score"][f], t["label_precision"][f], t["label_recall"][f] = float(f1[i]), float(prec[i]), float(rec[i])
+        rows.append(dict(feature=f, label=r["label"], score=float(f1[i]), precision=float(prec[i]), recall=float(rec[i]),
+                         n_fired=int(fired[i]), n_present=int(present[i]), scored_on=where, kept=bool(kept[i])))
+        if not kept[i]:
+            index.meta["labels"][f], index.meta["label_details"][f] = None, None
+            continue
         index.meta["labels"][f] = r["label"]
         detail = dict(index.meta["label_details"][f] or {}, precision=float(prec[i]), recall=float(rec[i]), score="F1", scored_on=where,
                       n_fired=int(fired[i]), n_present=int(present[i]))
@@ -838,6 +951,4 @@ def label_features(index: FeatureIndex, # the index to label (updated in place: 
         else: detail.update(kind="bigram" if r["prev"] >= 0 else "token", token=r["token"], prev=r["prev"] if r["prev"] >= 0 else None,
                             tokens=None, predicate=False)
         index.meta["label_details"][f] = detail
-        rows.append(dict(feature=f, label=r["label"], score=float(f1[i]), precision=float(prec[i]), recall=float(rec[i]),
-                         n_fired=int(fired[i]), n_present=int(present[i]), scored_on=where))
     return pd.DataFrame(rows)

@@ -137,16 +137,80 @@ def test_rebuild_replaces_our_site_and_a_failed_build_keeps_it(glass, tmp_path, 
     assert not (feature_file(folder, 0).parent / "999.js").exists()
     assert json.loads((folder / dash.SITE_MARKER).read_text())["title"] == "second"
     calls = {"n": 0}
-    real = type(index).feature
-    def dies(self, f):
+    real = dash.site_feature
+    def dies(view):
         calls["n"] += 1
         if calls["n"] > 10: raise KeyboardInterrupt
-        return real(self, f)
-    monkeypatch.setattr(type(index), "feature", dies)
+        return real(view)
+    monkeypatch.setattr(dash, "site_feature", dies)
     with pytest.raises(KeyboardInterrupt): dash.write_dashboard(index, folder, title="third", show_progress=False)
     assert json.loads((folder / dash.SITE_MARKER).read_text())["title"] == "second"
     assert len(list((folder / "features").rglob("*.js"))) == index.d_sae
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dash"], "no half-built folder left behind"
+
+
+def test_bulk_views_are_the_one_by_one_views(glass):
+    "The site's path (`index.features(ids)`, chunked) gives exactly `feature(f)` for every feature, a dead one included."
+    model, sae, tokens, index = glass
+    from sae_nb.features import build_feature_index
+    dead_sae = SAE.from_config(sae.cfg)
+    dead_sae.load_state_dict(sae.state_dict())
+    with torch.no_grad(): dead_sae.W_enc[:, 7] = 0; dead_sae.b_enc[7] = -1e3   # feature 7 can never fire
+    ix = build_feature_index(model, dead_sae, tokens, HOOK, k_top=5, n_intervals=3, samples_per_interval=2, show_progress=False)
+    assert int(ix.n_fired[7]) == 0 and int((ix.n_fired > 0).sum()) > 10
+    assert ix.features() == [ix.feature(f) for f in range(ix.d_sae)]
+    assert ix.features([7, 3, 7]) == [ix.feature(7), ix.feature(3), ix.feature(7)]
+    views = list(dash._feature_views(ix, chunk=5))                      # chunks that do not divide d_sae
+    assert [f for f, _ in views] == list(range(ix.d_sae)) and [v for _, v in views] == [ix.feature(f) for f in range(ix.d_sae)]
+    assert any(iv["examples"] for v in ix.features() for iv in v["intervals"]), "intervals with examples were compared"
+
+
+def _slow_build(index_dir, site, hold):
+    "A build in another process whose file writes each sleep `hold` seconds (a big SAE, in short)."
+    code = ("import sys, time; import sae_nb.dashboard as d; from sae_nb.features import FeatureIndex\n"
+            "w = d._write_file\n"
+            f"d._write_file = lambda p, t: (time.sleep({hold}), w(p, t))\n"
+            f"d.write_dashboard(FeatureIndex.load({str(index_dir)!r}), {str(site)!r}, title='first', show_progress=False)\n")
+    import subprocess, sys
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_builds_of_one_folder(glass, tmp_path):
+    "A second build of a folder being built fails at once (another process, or another thread), and the first site is complete."
+    import threading, time
+    index = glass[3]
+    index.save(tmp_path / "features")
+    site = tmp_path / "dashboard"
+    first = _slow_build(tmp_path / "features", site, hold=0.05)
+    t0 = time.time()
+    while not list(tmp_path.glob(".dashboard.building-*")):   # the first build holds the lock and is writing
+        assert first.poll() is None and time.time() - t0 < 120, first.communicate()
+        time.sleep(0.05)
+    with pytest.raises(SaeNbError, match="dashboard folder .* is in use by another sae_nb process"):
+        dash.write_dashboard(index, site, title="second", show_progress=False)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert json.loads((site / dash.SITE_MARKER).read_text())["title"] == "first"
+    assert sorted(p.name for p in (site / "features").rglob("*.js")) == sorted(f"{f}.js" for f in range(index.d_sae))
+    for f in range(index.d_sae): assert dash.read_site_data(feature_file(site, f))[0] == f
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dashboard", "features"], "no half-built folder left behind"
+    # two threads of one process (where folder_lock is re-entrant): the second fails the same way
+    started, release, errors = threading.Event(), threading.Event(), []
+    real = dash._write_file
+    def slow(p, t):
+        started.set(); release.wait(30); real(p, t)
+    dash._write_file = slow
+    try:
+        th = threading.Thread(target=lambda: dash.write_dashboard(index, site, title="thread", show_progress=False))
+        th.start()
+        assert started.wait(30)
+        with pytest.raises(SaeNbError, match="being written by another thread"):
+            dash.write_dashboard(index, site, title="second", show_progress=False)
+    finally:
+        release.set(); th.join(60); dash._write_file = real
+    assert json.loads((site / dash.SITE_MARKER).read_text())["title"] == "thread"
+    dash.write_dashboard(index, site, title="after", show_progress=False)   # once the builds are over, a new one runs
+    assert json.loads((site / dash.SITE_MARKER).read_text())["title"] == "after"
 
 
 def test_report_section(glass, tmp_path):
