@@ -291,9 +291,9 @@ def _train_settings(args, d_in: int, # the --hook's width
     steps = _run_steps(args)
     train_cfg = TrainConfig(batch_size=args.batch_size, steps=steps, lr=_DEFAULT_LR[arch] if args.lr is None else args.lr,
                             l1_coefficient=_DEFAULT_SPARSITY[arch] if args.l1_coefficient is None else args.l1_coefficient,
-                            lr_warmup_steps=min(50, steps // 10), seed=args.seed, log_every=max(1, min(25, steps // 20)),
+                            seed=args.seed, log_every=max(1, min(25, steps // 20)),
                             checkpoint_every=min(args.checkpoint_every, steps), out_dir=args.out, resume=args.resume,
-                            device=args.device, b_dec_init="mean", show_progress=True)
+                            device=args.device, show_progress=True)
     return sae_cfg, train_cfg
 
 def _run_steps(args) -> int:
@@ -556,9 +556,9 @@ def run_sweep(args) -> list:
     d_in = _hook_width(model, args.hook)
     grid = sweep_grid(args, d_in)                       # every SAEConfig validated by its constructor
     steps = _run_steps(args)
-    train_cfg = TrainConfig(batch_size=args.batch_size, steps=steps, lr_warmup_steps=min(50, steps // 10), seed=args.seed,
+    train_cfg = TrainConfig(batch_size=args.batch_size, steps=steps, seed=args.seed,
                             log_every=max(1, min(25, steps // 20)), checkpoint_every=min(args.checkpoint_every, steps), out_dir=out,
-                            resume=args.resume, device=args.device, b_dec_init="mean", show_progress=True)
+                            resume=args.resume, device=args.device, show_progress=True)
     items = [(cfg, settings) for _, cfg, settings in grid]
     from sae_nb.train import _sweep_specs
     _sweep_specs(items, train_cfg)                      # each SAE's settings validated too

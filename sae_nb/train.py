@@ -59,8 +59,8 @@ class TrainConfig:
     steps: int | None = None  # optimizer steps; None: from `total_tokens`, else DEFAULT_STEPS
     total_tokens: int | None = None  # alternative to `steps`: steps = ceil(total_tokens / batch_size)
     lr: float = 1e-3  # Adam learning rate after warm-up
-    lr_warmup_steps: int = 100  # linear lr warm-up from lr/w to lr over the first w steps (0: none)
-    lr_decay_steps: int | None = None  # linear decay to 0 over the last n steps; None: the last 20% of steps
+    lr_warmup_steps: int = 0  # linear lr warm-up from lr/w to lr over the first w steps (0: none; constant lr, as SAELens: bench/README.md section 6)
+    lr_decay_steps: int | None = 0  # linear decay to 0 over the last n steps (0: none); None: the last 20% of steps
     l1_coefficient: float = 0.3  # sparsity coefficient (per-token mean L1; L0 coefficient for jumprelu; topk ignores it)
     l1_warmup_steps: int | None = None  # linear sparsity warm-up; None: the first 5% of steps
     adam_betas: tuple[float, float] = (0.9, 0.999)  # Adam (beta1, beta2)
@@ -78,7 +78,7 @@ class TrainConfig:
     resume: bool = False  # continue from out_dir's latest checkpoint
     device: str | None = None  # None: cuda > mps > cpu (under torchrun: cuda:LOCAL_RANK)
     autocast_dtype: str | None = None  # "bfloat16": forward and backward in a bf16 copy of the SAE; float32 master weights, Adam state and thresholds (None: all in the SAE's dtype)
-    b_dec_init: str | None = "geometric_median"  # "mean" | "geometric_median" of the first batch | None: keep b_dec
+    b_dec_init: str | None = None  # None: keep b_dec (0 for a new SAE) | "mean" | "geometric_median" of the first batch
     wandb_project: str | None = None  # log to this Weights & Biases project (wandb imported only then)
     show_progress: bool = True  # tqdm progress bar with live loss and L0
 
@@ -130,7 +130,7 @@ class TrainConfig:
             bad("total_tokens", f"disagrees with steps={self.steps} at batch_size={self.batch_size}", "set only one of steps and total_tokens")
         if not is_num(self.lr) or self.lr <= 0: bad("lr", "must be a finite number > 0", "use e.g. 3e-4")
         if not is_int(self.lr_warmup_steps) or self.lr_warmup_steps < 0:
-            bad("lr_warmup_steps", "must be a whole number >= 0", "use e.g. 100, or 0 for no warm-up")
+            bad("lr_warmup_steps", "must be a whole number >= 0", "use e.g. 0 (no warm-up) or 5% of the steps")
         if self.lr_decay_steps is not None and (not is_int(self.lr_decay_steps) or not 0 <= self.lr_decay_steps <= self.num_steps):
             bad("lr_decay_steps", f"must be a whole number in 0..steps ({self.num_steps})", "lower it, use 0 (no decay) or None (last 20%)")
         if not is_num(self.l1_coefficient) or self.l1_coefficient < 0: bad("l1_coefficient", "must be a finite number >= 0", "use e.g. 1.0")
