@@ -20,13 +20,7 @@ from sae_nb.sae import SAE, SAEConfig
 HOOK = "blocks.0.mlp.hook_post"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Tiny tensors: one thread is fastest, and idle OpenMP threads spinning on shared cores slow everything down."
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_reliability import one_thread  # noqa: F401,E402 (autouse fixture: one torch thread for tiny tensors)
 
 
 @pytest.fixture(scope="module")
