@@ -98,7 +98,7 @@ def read_site_data(path: str | Path, # a site data file, e.g. SITE/features/0/12
 # %% ../nbs/12_dashboard.ipynb #6d9293ac
 def _check_index(index):
     "Refuse something that is not a feature index (`sae_nb.features.FeatureIndex` or an object with its interface)."
-    need = ("d_sae", "n_tokens", "density", "max_act", "labels", "label_scores", "feature", "token_lookup", "token_strs")
+    need = ("d_sae", "n_tokens", "density", "max_act", "labels", "label_scores", "features", "token_lookup", "token_strs")
     missing = [n for n in need if not hasattr(index, n)]
     if missing:
         raise SaeNbError(f"{type(index).__name__} is not a feature index (it lacks {', '.join(missing)}): build one with "
@@ -537,11 +537,11 @@ def _site_lock(folder: Path):
 def _feature_views(index, # a feature index
                    chunk: int = 256, # features made into views at once
                   ):
-    "Every feature's (id, view) in order, from `index.features(ids)` a chunk at a time (bulk); one by one from `index.feature` for an index without it."
+    "Every feature's (id, view) in order, from `index.features(ids)` a chunk at a time (bulk)."
     d = int(index.d_sae)
     for s in range(0, d, chunk):
         ids = list(range(s, min(d, s + chunk)))
-        yield from zip(ids, index.features(ids) if hasattr(index, "features") else [index.feature(f) for f in ids])
+        yield from zip(ids, index.features(ids))
 
 # %% ../nbs/12_dashboard.ipynb #757ccc3b
 def write_dashboard(index, # a feature index (`sae_nb.features.build_feature_index` / `FeatureIndex.load`)
