@@ -198,14 +198,19 @@ def _feature(state) -> int:
     return int(m.group(1))
 
 
+def _open_and_run_all(browser, url, token, notebook):
+    "Open `notebook` in JupyterLab, wait for its kernel, and run all its cells."
+    browser.get(f"{url}/lab/tree/{notebook}?reset&token={token}")
+    _wait(browser, lambda d: d.execute_script(KERNEL_STATUS_JS) == "idle", PAGE_LOAD, "the notebook's kernel to be idle")
+    browser.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells');")
+
+
 def test_feature_explorer_in_jupyterlab(lab, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     url, token, tmp_path = lab
     t0 = time.monotonic()
-    browser.get(f"{url}/lab/tree/explorer.ipynb?reset&token={token}")
-    _wait(browser, lambda d: d.execute_script(KERNEL_STATUS_JS) == "idle", PAGE_LOAD, "the notebook's kernel to be idle")
-    browser.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells');")
+    _open_and_run_all(browser, url, token, "explorer.ipynb")
     # the explorer's widgets and its histogram render once both cells ran
     state0 = _wait(browser, lambda d: (s := _state(d)) and s["histogram"] and s["histogram"]["bars"] and s,
                    RUN_ALL, "the FeatureExplorer to render with a histogram")
@@ -254,9 +259,7 @@ def test_prompt_features_in_jupyterlab(lab, browser):
     from selenium.webdriver.common.keys import Keys
     url, token, tmp_path = lab
     t0 = time.monotonic()
-    browser.get(f"{url}/lab/tree/prompt.ipynb?reset&token={token}")
-    _wait(browser, lambda d: d.execute_script(KERNEL_STATUS_JS) == "idle", PAGE_LOAD, "the notebook's kernel to be idle")
-    browser.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells');")
+    _open_and_run_all(browser, url, token, "prompt.ipynb")
     state0 = _wait(browser, lambda d: (s := d.execute_script(PROMPT_JS)) and "".join(s["tokens"]).endswith("import os") and s,
                    RUN_ALL, "the PromptFeaturesWidget to render the prompt's tokens")
     assert state0["buttons"], f"no feature buttons: {state0}"  # the strongest token has features
