@@ -11,6 +11,7 @@ __all__ = ['DEFAULT_STEPS', 'DEAD_FEATURE_WINDOW_MAX', 'ARCHITECTURES_WITH_AUXK'
 import atexit
 import contextlib
 import copy
+import datetime
 import dataclasses
 import hashlib
 import math
@@ -306,6 +307,16 @@ class _IterableBatches(_Source):
 # %% ../nbs/05_train.ipynb #af505b45
 _CTRL_GROUPS = {}  # default process group -> its gloo group for control flags (created once, reused by later runs)
 
+def _close_process_group(timeout_s: float = 60): # longest wait for the other ranks, in seconds
+    "At exit: wait until every rank is here, then destroy the process group the trainer made, while Python is alive."
+    if not (dist.is_available() and dist.is_initialized()): return
+    ctrl = _CTRL_GROUPS.pop(dist.group.WORLD, None)
+    _CTRL_GROUPS.clear()
+    # a rank that tears down its sockets while a peer is still in gloo can abort that peer ("terminate called ...")
+    try: dist.monitored_barrier(group=ctrl, timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception: pass  # a rank that died or hangs: destroy anyway
+    dist.destroy_process_group()
+
 class _Processes:
     "Rank, world size, device and collective helpers; a no-op shell for a single process."
     def __init__(self, device=None):
@@ -314,7 +325,7 @@ class _Processes:
             dev_type = get_device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
             dist.init_process_group(backend="nccl" if dev_type == "cuda" else "gloo")
             # kept for later train_sae calls in this process (re-initialising a group under torchrun is fragile)
-            atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+            atexit.register(_close_process_group)
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
