@@ -25,6 +25,7 @@ from .data import bos_token_id, check_token_windows, counted_positions
 from .eval import (_as_token_batch, _d_in, _eval_mode, _in_hook, _is_transcoder, _no_padding_kwargs, _stop_layer,
                          _to_sae_input, roundtrip)
 from .plots import residual_directions
+from .sae import TopKSAE
 
 # %% ../nbs/11_features.ipynb #6f1eee72
 def _hook_acts(model: HookedTransformer, # the model
@@ -52,6 +53,49 @@ def _encode_windows(model: HookedTransformer, # the model
     f = sae.encode(_to_sae_input(act, _d_in(sae)).to(p.device, p.dtype)).float()
     return f.masked_fill_(~keep.to(f.device)[..., None], 0.0)
 
+class _SparseActs:
+    "A batch's nonzero feature activations, token-major (the order of `(F > 0).nonzero()`), without the dense [n, d_sae]."
+    def __init__(self, tok_i: torch.Tensor, # [nnz] flat token of each nonzero, ascending
+                 feat: torch.Tensor, # [nnz] its feature, ascending within a token
+                 vals: torch.Tensor, # [nnz] its activation (float32, > 0)
+                 n: int, d: int, # tokens in the batch, features
+                ):
+        self.tok_i, self.feat, self.vals, self.n, self.d = tok_i, feat, vals, n, d
+        self.key = tok_i * d + feat  # ascending: a sorted key for lookups
+    @property
+    def device(self): return self.vals.device
+    def to(self, device):
+        return _SparseActs(self.tok_i.to(device), self.feat.to(device), self.vals.to(device), self.n, self.d)
+    def at(self, flat: torch.Tensor, # [m, L] flat token indices
+           feat: torch.Tensor, # [m] a feature per row
+          ) -> torch.Tensor:
+        "Activations [m, L] of feature `feat[i]` at the tokens `flat[i]` (0 where it did not fire), by binary search."
+        q = flat * self.d + feat[:, None]
+        if len(self.key) == 0: return torch.zeros(q.shape, device=self.vals.device)
+        i = torch.searchsorted(self.key, q).clamp(max=len(self.key) - 1)
+        return torch.where(self.key[i] == q, self.vals[i], 0.0)
+
+def _sparse_path(sae) -> bool:
+    "Whether the index can take `sae`'s features as the top k per token (a TopK SAE with TopK's own activation)."
+    return isinstance(sae, TopKSAE) and type(sae).activation is TopKSAE.activation
+
+def _encode_windows_sparse(model: HookedTransformer, # the model
+                           sae: TopKSAE, # a TopK SAE (`_sparse_path`), in eval mode
+                           batch: torch.Tensor, # [b, pos] token ids (any device)
+                           hook_name: str, stop: int | None, # as `_encode_windows`
+                           keep: torch.Tensor, # [b, pos] bool: counted positions
+                          ) -> _SparseActs:
+    "`_encode_windows` as its nonzeros: each token's k selected pre-activations, never scattered into [b, pos, d_sae]."
+    p = next(sae.parameters())
+    act = _hook_acts(model, batch.to(model.cfg.device), hook_name, stop)
+    pre = sae.encode_pre(_to_sae_input(act, _d_in(sae)).to(p.device, p.dtype))
+    d, k = pre.shape[-1], sae.cfg.k
+    top = pre.reshape(-1, d).topk(k, dim=-1, sorted=False)  # the selection `TopKSAE.activation` makes
+    cols, order = top.indices.sort(dim=-1)
+    vals = top.values.gather(1, order).relu().float().masked_fill_(~keep.reshape(-1, 1).to(pre.device), 0.0)
+    nz = (vals.reshape(-1) > 0).nonzero().squeeze(1)
+    return _SparseActs(nz // k, cols.reshape(-1)[nz], vals.reshape(-1)[nz], vals.shape[0], d)
+
 # %% ../nbs/11_features.ipynb #8f13afc4
 def _segment_topk(feat: torch.Tensor, # [n] feature of each entry
                   key: torch.Tensor, # [n] the key ranked (larger first), >= 0
@@ -71,20 +115,21 @@ def _segment_topk(feat: torch.Tensor, # [n] feature of each entry
     cs.view(-1)[flat] = o
     return ck, cs
 
-def _contexts(F: torch.Tensor, # [b * pos, d_sae] the batch's feature activations
+def _contexts(F: torch.Tensor | _SparseActs, # [b * pos, d_sae] the batch's feature activations (or their nonzeros)
               tokens: torch.Tensor, # [b, pos] the batch's token ids (same device)
               t: torch.Tensor, # [n] flat token index (window * pos + position) of each example
               feat: torch.Tensor, # [n] the feature of each example
               left: int, right: int, # context tokens kept before / after
              ) -> tuple[torch.Tensor, torch.Tensor]:
     "Context token ids [n, left+1+right] (-1 outside the window) and the feature's activations there (0 outside)."
-    pos, d = tokens.shape[1], F.shape[1]
+    pos = tokens.shape[1]
     w, p = t // pos, t % pos
     q = p[:, None] + torch.arange(-left, right + 1, device=t.device)
     valid = (q >= 0) & (q < pos)
     flat = w[:, None] * pos + q.clamp(0, pos - 1)
     toks = tokens.reshape(-1).take(flat).masked_fill(~valid, -1).int()
-    acts = F.reshape(-1).take(flat * d + feat[:, None]).masked_fill(~valid, 0.0)
+    acts = F.at(flat, feat) if isinstance(F, _SparseActs) else F.reshape(-1).take(flat * F.shape[1] + feat[:, None])
+    acts = acts.masked_fill(~valid, 0.0)
     return toks, acts
 
 class _TopBuffer:
@@ -148,17 +193,16 @@ def _bigram_hashes(prev: torch.Tensor, cur: torch.Tensor, d_vocab: int) -> torch
     return torch.stack([(key * 2654435761) % 2147483647 % _SKETCH, (key * 40503 + 1013904223) % 4294967291 % _SKETCH])
 
 def _cooccurrence_add(C: torch.Tensor, # [d, d] float32 counts, updated in place
-                      fired: torch.Tensor, # [n, d] bool
-                      tok_i: torch.Tensor, feat: torch.Tensor, # the nonzeros of `fired` in row-major order
+                      n: int, # tokens in the batch
+                      tok_i: torch.Tensor, feat: torch.Tensor, # the batch's firings (token, feature), token-major
                       max_pairs: int = 1 << 22, # pairs expanded at once on the CPU
                      ):
     "Add the batch's co-firing counts fired.T @ fired to C: a GEMM on a GPU, the sparse pairs on the CPU."
     d = C.shape[0]
     if C.is_cuda:
-        B = fired.float()
+        B = torch.zeros(n, d, device=C.device).index_put_((tok_i, feat), torch.ones((), device=C.device))
         C.addmm_(B.T, B)
         return
-    n = fired.shape[0]
     cnt = torch.bincount(tok_i, minlength=n)
     m = int(cnt.max()) if len(tok_i) else 0
     if m == 0: return
@@ -188,16 +232,17 @@ class _Stream:
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.n_tokens = self.n_windows = 0
 
-    def add(self, f: torch.Tensor, # [b, pos, d] feature activations (0 at uncounted positions)
+    def add(self, f: torch.Tensor | _SparseActs, # [b, pos, d] feature activations (0 at uncounted positions), or their nonzeros
             tokens: torch.Tensor, # [b, pos] token ids on f's device
             keep: torch.Tensor, # [b, pos] counted positions on f's device
            ):
         "Fold one batch of windows into the statistics."
-        b, pos, d = f.shape
-        F = f.reshape(b * pos, d)
-        fired = F > 0
-        tok_i, feat = fired.nonzero(as_tuple=True)
-        vals = F.reshape(-1).take(tok_i * d + feat)  # (a copy only for a non-contiguous F)
+        (b, pos), d = tokens.shape, self.d
+        if isinstance(f, _SparseActs): F, tok_i, feat, vals = f, f.tok_i, f.feat, f.vals
+        else:
+            F = f.reshape(b * pos, d)
+            tok_i, feat = (F > 0).nonzero(as_tuple=True)
+            vals = F.reshape(-1).take(tok_i * d + feat)  # (a copy only for a non-contiguous F)
         self.n_fired += torch.bincount(feat, minlength=d)
         self.act_sum.index_add_(0, feat, vals.double())
         self.max_act.scatter_reduce_(0, feat, vals, "amax")
@@ -205,12 +250,12 @@ class _Stream:
         fine = ((vals.log2() - _LOG2_LO) * _PER_OCTAVE).floor().clamp(0, _N_FINE - 1).long()
         self.fine.index_add_(0, feat * _N_FINE + fine, torch.ones_like(fine))
         self.top.update(feat, vals, tok_i, vals, F, tokens, self.n_windows)
-        u = torch.rand(len(vals), generator=self.gen, device=F.device)  # reservoir keys: a uniform sample of each feature's firings
+        u = torch.rand(len(vals), generator=self.gen, device=vals.device)  # reservoir keys: a uniform sample of each feature's firings
         def co_table():  # [b * pos, n_co + 1]: each token's strongest features, from the nonzeros (made only if an example enters)
-            _, cs = _segment_topk(tok_i, vals, self.res.n_co + 1, F.shape[0])
+            _, cs = _segment_topk(tok_i, vals, self.res.n_co + 1, b * pos)
             return torch.where(cs >= 0, feat[cs.clamp(min=0)], -1)
         self.res.update(feat, u, tok_i, vals, F, tokens, self.n_windows, co_table)
-        if self.C is not None: _cooccurrence_add(self.C, fired, tok_i, feat)
+        if self.C is not None: _cooccurrence_add(self.C, b * pos, tok_i, feat)
         self.token_count += torch.bincount(tokens[keep], minlength=self.d_vocab)
         if pos > 1:
             kb = keep[:, 1:]
@@ -617,10 +662,11 @@ def build_feature_index(model: HookedTransformer, # the model the SAE reads
     st = _Stream(d, V, dev, k_top, reservoir, left, right, seed, dense_co, n_co=n_cooccurrence)
     stop, t0, c0 = _stop_layer(model, hook_name), time.perf_counter(), time.process_time()
     from tqdm.auto import tqdm
+    encode = _encode_windows_sparse if _sparse_path(sae) else _encode_windows  # TopK: never the dense [b, pos, d_sae]
     with _eval_mode(sae):
         for start in tqdm(range(0, len(tokens), batch_size), desc="feature index", disable=not show_progress, leave=False):
             batch, keep = tokens[start:start + batch_size], keep_all[start:start + batch_size]
-            f = _encode_windows(model, sae, batch, hook_name, stop, keep).to(dev)
+            f = encode(model, sae, batch, hook_name, stop, keep).to(dev)
             st.add(f, batch.to(dev), keep.to(dev))
     return _finish_index(model, sae, st, tokens=tokens, hook_name=hook_name, out_hook=out_hook, settings=dict(
         k_top=k_top, n_intervals=n_intervals, samples_per_interval=samples_per_interval, context=[left, right],
