@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -312,9 +313,11 @@ def _close_process_group(timeout_s: float = 60): # longest wait for the other ra
     if not (dist.is_available() and dist.is_initialized()): return
     ctrl = _CTRL_GROUPS.pop(dist.group.WORLD, None)
     _CTRL_GROUPS.clear()
-    # a rank that tears down its sockets while a peer is still in gloo can abort that peer ("terminate called ...")
-    try: dist.monitored_barrier(group=ctrl, timeout=datetime.timedelta(seconds=timeout_s))
-    except Exception: pass  # a rank that died or hangs: destroy anyway
+    # a rank that tears down its sockets while a peer is still in gloo can abort that peer ("terminate called ...");
+    # a rank leaving on an uncaught exception does not wait: its peers are stuck in a collective, not coming
+    if getattr(sys, "last_value", None) is None:
+        try: dist.monitored_barrier(group=ctrl, timeout=datetime.timedelta(seconds=timeout_s))
+        except Exception: pass  # a rank that died or hangs: destroy anyway
     dist.destroy_process_group()
 
 class _Processes:
