@@ -140,3 +140,36 @@ def test_main_job_under_torchrun(tmp_path):
     metrics = read_json(out / "metrics.json")
     assert metrics["steps"] == 8 and 0 < metrics["l0"] <= 8
     assert SAE.load(out / "sae").cfg.d_sae == 341
+
+
+CRASH_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, sys.argv[2])
+from test_distributed import make_data, runs
+from sae_nb.train import TrainConfig, train_sae
+rank = int(os.environ["RANK"])
+cfg, settings = runs()["standard"]
+train_sae(make_data(), cfg, TrainConfig(**{**settings, "steps": 4, "checkpoint_every": None}, out_dir=sys.argv[1]))
+print(f"rank {rank} trained", flush=True)
+if rank == 1: raise RuntimeError("rank 1 fails after training")
+time.sleep(300)  # rank 0 is busy long after rank 1 leaves: torchrun stops it once rank 1 has failed
+"""
+
+
+def test_a_rank_crashing_at_exit_reports_its_own_error(tmp_path):
+    "A rank that raises after training leaves at once with its error: no wait at the exit barrier (60 s), no abort in gloo."
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path / "run"), str(HERE)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try: out, _ = p.communicate(timeout=50)
+    except subprocess.TimeoutExpired:
+        p.terminate()  # torchrun's agent stops its workers on SIGTERM (they run in sessions of their own)
+        p.communicate(timeout=60)
+        pytest.fail("torchrun still running after 50 s: the crashed rank waited for the others at exit")
+    assert p.returncode != 0 and "rank 0 trained" in out and "rank 1 trained" in out, out[-6000:]
+    assert "RuntimeError: rank 1 fails after training" in out, out[-6000:]
+    assert "exitcode  : 1 " in out and "SIGABRT" not in out and "terminate called" not in out, out[-6000:]
