@@ -58,14 +58,11 @@ class _SparseActs:
     def __init__(self, tok_i: torch.Tensor, # [nnz] flat token of each nonzero, ascending
                  feat: torch.Tensor, # [nnz] its feature, ascending within a token
                  vals: torch.Tensor, # [nnz] its activation (float32, > 0)
-                 n: int, d: int, # tokens in the batch, features
+                 d: int, # features
                 ):
-        self.tok_i, self.feat, self.vals, self.n, self.d = tok_i, feat, vals, n, d
+        self.tok_i, self.feat, self.vals, self.d = tok_i, feat, vals, d
         self.key = tok_i * d + feat  # ascending: a sorted key for lookups
-    @property
-    def device(self): return self.vals.device
-    def to(self, device):
-        return _SparseActs(self.tok_i.to(device), self.feat.to(device), self.vals.to(device), self.n, self.d)
+    def to(self, device): return _SparseActs(self.tok_i.to(device), self.feat.to(device), self.vals.to(device), self.d)
     def at(self, flat: torch.Tensor, # [m, L] flat token indices
            feat: torch.Tensor, # [m] a feature per row
           ) -> torch.Tensor:
@@ -94,7 +91,7 @@ def _encode_windows_sparse(model: HookedTransformer, # the model
     cols, order = top.indices.sort(dim=-1)
     vals = top.values.gather(1, order).relu().float().masked_fill_(~keep.reshape(-1, 1).to(pre.device), 0.0)
     nz = (vals.reshape(-1) > 0).nonzero().squeeze(1)
-    return _SparseActs(nz // k, cols.reshape(-1)[nz], vals.reshape(-1)[nz], vals.shape[0], d)
+    return _SparseActs(nz // k, cols.reshape(-1)[nz], vals.reshape(-1)[nz], d)
 
 # %% ../nbs/11_features.ipynb #8f13afc4
 def _segment_topk(feat: torch.Tensor, # [n] feature of each entry

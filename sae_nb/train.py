@@ -11,8 +11,8 @@ __all__ = ['DEFAULT_STEPS', 'DEAD_FEATURE_WINDOW_MAX', 'ARCHITECTURES_WITH_AUXK'
 import atexit
 import contextlib
 import copy
-import datetime
 import dataclasses
+import datetime
 import hashlib
 import math
 import os
