@@ -86,12 +86,12 @@ def _encode_windows_sparse(model: HookedTransformer, # the model
     p = next(sae.parameters())
     act = _hook_acts(model, batch.to(model.cfg.device), hook_name, stop)
     pre = sae.encode_pre(_to_sae_input(act, _d_in(sae)).to(p.device, p.dtype))
-    d, k = pre.shape[-1], sae.cfg.k
-    top = pre.reshape(-1, d).topk(k, dim=-1, sorted=False)  # the selection `TopKSAE.activation` makes
-    cols, order = top.indices.sort(dim=-1)
-    vals = top.values.gather(1, order).relu().float().masked_fill_(~keep.reshape(-1, 1).to(pre.device), 0.0)
-    nz = (vals.reshape(-1) > 0).nonzero().squeeze(1)
-    return _SparseActs(nz // k, cols.reshape(-1)[nz], vals.reshape(-1)[nz], d)
+    pre = pre.reshape(-1, pre.shape[-1])
+    _, cols, _ = sae._select(pre)  # the selection `TopKSAE.activation` makes (its training path's), ascending per token
+    k = sae.cfg.k
+    vals = pre.gather(1, cols.view(-1, k)).relu().float().masked_fill_(~keep.reshape(-1, 1).to(pre.device), 0.0).reshape(-1)
+    nz = (vals > 0).nonzero().squeeze(1)
+    return _SparseActs(nz // k, cols[nz], vals[nz], pre.shape[1])
 
 # %% ../nbs/11_features.ipynb #8f13afc4
 def _segment_topk(feat: torch.Tensor, # [n] feature of each entry
